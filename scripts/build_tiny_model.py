@@ -180,7 +180,16 @@ def fixed_corpus() -> list[str]:
     return lines
 
 
-def env_corpus(seeds: int = 3) -> list[str]:
+_PROBE_ACTIONS = (
+    "<answer>A</answer>",
+    "no tags",
+    '<tool_call>{"name": "zoom", "arguments": {"bbox": [10, 20, 200, 180]}}</tool_call>',
+    '<tool_call>{"name": "zoom", "arguments": {"region": 5}}</tool_call>',
+    '<tool_call>{"name": "zoom"}</tool_call>',
+)
+
+
+def env_corpus(seeds: int = 16) -> list[str]:
     """Texts of every registered mmgym env that builds offline: first observations,
     tool schemas (as the chat template renders them), and the env's feedback texts."""
     try:
@@ -204,7 +213,8 @@ def env_corpus(seeds: int = 3) -> list[str]:
                 lines.append(str(obs.get("text", "")))
                 for schema in info.get("tool_schemas", []) or []:
                     lines.append(json.dumps(schema, ensure_ascii=False))
-                for action in ("<answer>A</answer>", "no tags", '<tool_call>{"name": "zoom"}</tool_call>'):
+                for action in _PROBE_ACTIONS:
+                    env.reset(seed=seed)
                     obs2, *_ = env.step(action)
                     lines.append(str(obs2.get("text", "")))
         except Exception as e:  # pragma: no cover

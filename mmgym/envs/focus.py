@@ -127,7 +127,7 @@ class ChainOfFocusEnv(MMEnv):
         view_size: int = 224,
         zoom_size: int = 224,
         canvas: tuple[int, int] = (1024, 2048),
-        marker_frac: float = 0.028,
+        marker_frac: float = 0.013,
         clutter: int = 120,
         question_types: tuple[str, ...] = ("attribute", "relative"),
         zoom_reward: float = 0.0,

@@ -10,7 +10,7 @@ __all__ = ["ENV_IDS", "register_all"]
 ENV_IDS: dict[str, tuple[str, dict, str]] = {
     "mmgym/VQA-v0": ("mmgym.envs.vqa:VQAEnv", {}, "Visual question answering on procedural shape scenes (choice, exact, numeric answers)."),
     "mmgym/ChainOfFocus-v0": ("mmgym.envs.focus:ChainOfFocusEnv", {}, "V*-style visual search: the answer is readable only after zooming (bbox zoom)."),
-    "mmgym/ChainOfFocusRegion-v0": ("mmgym.envs.focus:ChainOfFocusEnv", {"zoom": "region"}, "Chain-of-Focus with zoom(region=k) on a grid drawn on the first view."),
+    "mmgym/ChainOfFocusRegion-v0": ("mmgym.envs.focus:ChainOfFocusEnv", {"zoom": "region", "grid": 6, "zoom_size": 336}, "Chain-of-Focus with zoom(region=k) on a 6x6 grid drawn on the first view."),
 }
 
 

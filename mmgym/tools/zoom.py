@@ -173,7 +173,7 @@ class RegionZoomTool:
 
     name = "zoom"
 
-    def __init__(self, grid: int = 4, *, max_side: int = 224, margin: float = 0.15):
+    def __init__(self, grid: int = 4, *, max_side: int = 224, margin: float = 0.05):
         if grid < 1:
             raise ValueError(f"zoom grid must be >= 1, got {grid}")
         self.grid = int(grid)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from mmgym.agents.chat import Conversation
 
@@ -107,6 +107,23 @@ class ScriptedPolicy:
             raise TypeError(f"ScriptedPolicy needs a callable conversation -> text, got {type(fn).__name__}")
         self.fn = fn
         self.name = name
+
+    @classmethod
+    def from_agent(cls, agent: Any) -> ScriptedPolicy:
+        """Adapt an env-level agent (``act(env, obs, info) -> str``, e.g. ``OracleAgent``)
+        through the ``env``, ``obs`` and ``info`` the rollout keeps in ``Conversation.meta``."""
+
+        def act(conv: Conversation) -> str:
+            try:
+                env, obs, info = conv.meta["env"], conv.meta["obs"], conv.meta["info"]
+            except KeyError as e:
+                raise ValueError(
+                    f"{getattr(agent, 'name', type(agent).__name__)} acts on the env: run it through "
+                    "RolloutCollector, which puts env/obs/info in Conversation.meta"
+                ) from e
+            return agent.act(env, obs, info)
+
+        return cls(act, name=str(getattr(agent, "name", type(agent).__name__)))
 
     def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams | None = None) -> list[Generation]:
         out: list[Generation] = []

@@ -139,6 +139,17 @@ class MMEnv(gym.Env[dict, str]):
         """Turn-level reward terms earned by this turn's tool calls (default: none)."""
         return {}
 
+    def goal_verdict(self) -> Verdict | None:
+        """Called after a turn's tool calls ran: a ``Verdict`` ends the episode with reason
+        ``goal`` and scores the outcome with it (for tasks finished by a tool call rather
+        than an ``<answer>``, e.g. a triage referral). Default: ``None``, the episode goes on."""
+        return None
+
+    def goal_reason(self, verdict: Verdict) -> str:
+        """``termination_reason`` of an episode ended by ``goal_verdict``: ``"goal"`` (default)
+        or ``"failure"`` (e.g. a ``done()`` call with the task not achieved)."""
+        return "goal"
+
     def oracle_action(self) -> str:
         """The reply a perfect agent gives now (may read the ground truth)."""
         raise NotImplementedError
@@ -210,9 +221,15 @@ class MMEnv(gym.Env[dict, str]):
         else:
             obs_parts, turn_terms = self._run_calls(parsed.tool_calls, info)
             terms.update(turn_terms)
+            goal = self.goal_verdict()
+            if goal is not None:
+                self._metrics.update(goal.metrics)
+                for k, v in self._outcome_terms(None, goal, format_ok=parsed.format_ok).items():
+                    terms[k] = terms.get(k, 0.0) + v
+                terminated, reason = True, self.goal_reason(goal)
         if not terminated and self._turn >= self.max_turns:
             truncated, reason = True, "max_turns"
-        if (terminated or truncated) and reason != "answer":
+        if (terminated or truncated) and reason not in ("answer", "goal", "failure"):
             for k, v in self._outcome_terms(None, Verdict(0.0), format_ok=False).items():
                 terms[k] = terms.get(k, 0.0) + v
         obs = self._obs(*obs_parts)

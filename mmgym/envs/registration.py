@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
-__all__ = ["ENV_IDS", "register_all"]
+__all__ = ["ENV_IDS", "NEEDS_EXTRA", "register_all"]
 
 # id -> (entry point, kwargs, one-line description)
 ENV_IDS: dict[str, tuple[str, dict, str]] = {
     "mmgym/VQA-v0": ("mmgym.envs.vqa:VQAEnv", {}, "Visual question answering on procedural shape scenes (choice, exact, numeric answers)."),
     "mmgym/ChainOfFocus-v0": ("mmgym.envs.focus:ChainOfFocusEnv", {}, "V*-style visual search: the answer is readable only after zooming (bbox zoom)."),
     "mmgym/ChainOfFocusRegion-v0": ("mmgym.envs.focus:ChainOfFocusEnv", {"zoom": "region", "grid": 6, "zoom_size": 336}, "Chain-of-Focus with zoom(region=k) on a 6x6 grid drawn on the first view."),
+    "mmgym/VideoFrames-v0": ("mmgym.envs.video:VideoFramesEnv", {}, "Long-video QA: sparse low-res overview, then crop_video / get_frames / zoom_frame (LOVE-R1, LongVT)."),
+    "mmgym/PushBlock-v0": ("mmgym.envs.vla:PushBlockEnv", {}, "VLA: push a block onto a target from a top-down camera; 7-D action tokens in chunks of 8."),
+    "mmgym/PushBlock-Continuous-v0": ("mmgym.envs.vla:PushBlockEnv", {"action": "continuous"}, "PushBlock with a Box (8, 7) action for vector policies."),
+    "mmgym/ManiSkill-PickCube-v0": ("mmgym.envs.maniskill:ManiSkillEnv", {"task": "PickCube-v1"}, "VLA: ManiSkill3 PickCube, camera + instruction, 7-D action tokens (extra: maniskill)."),
+    "mmgym/ManiSkill-PushCube-v0": ("mmgym.envs.maniskill:ManiSkillEnv", {"task": "PushCube-v1"}, "VLA: ManiSkill3 PushCube, camera + instruction, 7-D action tokens (extra: maniskill)."),
+    "mmgym/ManiSkill-v0": ("mmgym.envs.maniskill:ManiSkillEnv", {}, "VLA: any ManiSkill3 task by keyword, make(..., task='StackCube-v1') (extra: maniskill)."),
+    "mmgym/AskToAct-v0": ("mmgym.envs.ask_to_act:AskToActEnv", {}, "Ask-to-Act: fetch the right object under an ambiguous instruction, asking as few clarifying questions as needed."),
 }
+
+# ids that need an optional extra (id -> extra); the registry test skips them without it
+NEEDS_EXTRA: dict[str, str] = {"mmgym/ManiSkill-PickCube-v0": "maniskill", "mmgym/ManiSkill-PushCube-v0": "maniskill", "mmgym/ManiSkill-v0": "maniskill"}
 
 
 def register_all() -> None:

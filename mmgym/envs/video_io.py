@@ -298,7 +298,7 @@ def probe_video(path: Path, backend: Backend = "auto") -> VideoMeta:
         return src.meta
 
 
-def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: float, *, gop: int | None = None, crf: int = 20) -> None:
+def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: float, *, gop: int | None = None, crf: int = 23) -> None:
     """Encode RGB frames to an H.264 MP4 (MPEG-4 part 2 if libx264 is missing) with a
     keyframe every ``gop`` frames (default: one per second, so seeking stays cheap).
 
@@ -314,7 +314,7 @@ def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: float, *, gop: int 
         with av.open(str(tmp), "w", format="mp4") as c:
             s = c.add_stream(codec, rate=rate)
             s.pix_fmt = "yuv420p"
-            s.options = {"g": str(gop or rate), "crf": str(crf), "preset": "veryfast"} if codec == "libx264" else {"g": str(gop or rate)}
+            s.options = {"g": str(gop or rate), "crf": str(crf), "preset": "ultrafast"} if codec == "libx264" else {"g": str(gop or rate)}
             s.thread_count = 1
             first = True
             for f in frames:

@@ -297,7 +297,7 @@ class AskToActEnv(MMEnv):
             "Tools: navigate(receptacle) to go to a receptacle and see it close up; pick(object_id) there; "
             "place(receptacle) where you are; ask(question) to ask the user about the object they mean "
             f"(each question beyond those needed costs {self.question_cost:g}; picking a wrong object costs "
-            f"{self.wrong_pick_penalty:g}); done() when the object is in place. One tool call per turn."
+            f"{self.wrong_pick_penalty:g}); done() when the object is in place. At most {self.max_calls_per_turn} tool call(s) per turn."
         )
 
     def tool_state(self, task: AskTask) -> AskState:

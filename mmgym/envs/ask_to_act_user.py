@@ -37,6 +37,7 @@ _RECEPTACLE_KINDS = sorted({k for ks in ROOMS.values() for k in ks}, key=len, re
 _ROOM_NAMES = sorted(ROOMS, key=len, reverse=True)
 _LOCATION_WORDS = ("where", "located", "location", "room", "receptacle", "furniture")
 _GOAL_VERBS = {"put", "place", "leave", "drop", "deliver", "bring", "store"}
+_OPEN_SIZE = re.compile(r" how (?:big|large|small|little|tiny|huge)(?= )")
 _REFERENCES = {"it", "its", "one", "object", "item", "thing", "target", "you", "your", "want", "need", "this", "that", "which"}
 
 
@@ -80,6 +81,8 @@ def classify_question(question: str, category: str = "") -> QuestionKind | None:
     if not words:
         return None
     cat_words = {category, category + "s"} if category else set()
+    if _other_category(text, category) is not None:
+        return None  # about another object ("is the book red?")
     if not (words & (_REFERENCES | cat_words)) and len(words) > 3:
         return None  # e.g. "what colour is the sky": names neither the object nor "it"
     if "where" in words and words & _GOAL_VERBS:
@@ -116,13 +119,15 @@ class RuleBasedUser:
     def __call__(self, question: str, target_description: Mapping[str, Any]) -> str:
         t = {k: str(v) for k, v in dict(target_description).items()}
         category = t.get("category", "")
-        kind = classify_question(question, category)
-        if kind is None:
+        if not isinstance(question, str) or len(question) > MAX_QUESTION_CHARS:
             return DONT_UNDERSTAND
         text = _normalize(question)
         other = _other_category(text, category)
         if other is not None:
             return f"I only need the {category}, not a {other}."
+        kind = classify_question(question, category)
+        if kind is None:
+            return DONT_UNDERSTAND
         if kind == "goal":
             return f"Please put it on the {t.get('goal', '')}."
         return getattr(self, f"_answer_{kind}")(text, t)
@@ -134,6 +139,7 @@ class RuleBasedUser:
 
     @staticmethod
     def _answer_size(text: str, t: dict[str, str]) -> str:
+        text = _OPEN_SIZE.sub(" ", text)  # "how big is it" asks for the size, it names none
         named = [_SIZE_WORDS[p] for _, p in _find(text, list(_SIZE_WORDS)) if _SIZE_WORDS[p] in SIZES]
         size = t.get("size", "")
         return _yes_no(named, size, f"it is the {size} one", "it is not the {} one")

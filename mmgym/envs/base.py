@@ -166,6 +166,8 @@ class MMEnv(gym.Env[dict, str]):
         self._used_tool = False
         self._num_calls = 0
         self._history: list[str] = []
+        self._key_hash = hashlib.blake2b(digest_size=8)
+        self._key_task: Any = None
         self._done = False
         self._state = None
         self._last_images: tuple[np.ndarray, ...] = ()
@@ -264,7 +266,9 @@ class MMEnv(gym.Env[dict, str]):
                 texts.append(f"Tool error ({call.name[:80]}): {res.error}")
                 continue
             self._used_tool = True
-            self._history.append(json.dumps(call.to_json(), sort_keys=True))
+            item = json.dumps(call.to_json(), sort_keys=True)
+            self._history.append(item)
+            self._key_hash.update(b"|" + item.encode())
             texts.append(res.text)
             images.extend(res.images)
             frames.extend(res.frames)
@@ -318,11 +322,12 @@ class MMEnv(gym.Env[dict, str]):
 
     def state_key(self) -> str:
         """Anchor-state key for GiGPO step grouping: the task plus the valid tool calls so far."""
-        h = hashlib.blake2b(digest_size=8)
-        h.update(str(self.task.task_id if self.task is not None else "").encode())
-        for item in self._history:
-            h.update(b"|" + item.encode())
-        return h.hexdigest()
+        if self._key_task is not self.task:  # seed the running hash with the task once per episode
+            self._key_task = self.task
+            self._key_hash = hashlib.blake2b(str(getattr(self.task, "task_id", "")).encode(), digest_size=8)
+            for item in self._history:
+                self._key_hash.update(b"|" + item.encode())
+        return self._key_hash.hexdigest()
 
     def render(self) -> np.ndarray | None:
         if self.render_mode == "rgb_array":

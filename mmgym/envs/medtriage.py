@@ -258,8 +258,7 @@ class MedTriageEnv(ParallelEnv):
 
     def _start_consultation(self, referred: list[str]) -> None:
         self._referred = referred
-        if not referred:
-            self._notes.append("No specialist was consulted.")
+        self._notes.append(f"[from triage] Referred to: {', '.join(referred)}." if referred else "No specialist was consulted.")
         internal = [s for s in referred if self.team.backends[s] != "agent"]
         opinions, errors = self.team.internal_opinions(self.case, internal, self._rng, self._bucket_target, self._specialist_obs)
         self._opinions.update(opinions)

@@ -18,6 +18,9 @@ ENV_IDS: dict[str, tuple[str, dict, str]] = {
     "mmgym/ManiSkill-PushCube-v0": ("mmgym.envs.maniskill:ManiSkillEnv", {"task": "PushCube-v1"}, "VLA: ManiSkill3 PushCube, camera + instruction, 7-D action tokens (extra: maniskill)."),
     "mmgym/ManiSkill-v0": ("mmgym.envs.maniskill:ManiSkillEnv", {}, "VLA: any ManiSkill3 task by keyword, make(..., task='StackCube-v1') (extra: maniskill)."),
     "mmgym/AskToAct-v0": ("mmgym.envs.ask_to_act:AskToActEnv", {}, "Ask-to-Act: fetch the right object under an ambiguous instruction, asking as few clarifying questions as needed."),
+    "mmgym/MedTriage-Attending-v0": ("mmgym.envs.medtriage_views:MedTriageAttendingEnv", {}, "MMedAgent-RL attending physician: weigh scripted specialists' opinions (right, conflicting, wrong) and answer."),
+    "mmgym/MedTriage-Triage-v0": ("mmgym.envs.medtriage_views:MedTriageTriageEnv", {}, "MMedAgent-RL triage doctor: refer a synthetic scan to the specialty matching its modality/organ."),
+    "mmgym/MedTriage-TwoRole-v0": ("mmgym.envs.medtriage_views:MedTriageTwoRoleEnv", {}, "MMedAgent-RL shared policy: episodes alternate triage doctor and attending physician (role in the system prompt)."),
 }
 
 # ids that need an optional extra (id -> extra); the registry test skips them without it

@@ -61,6 +61,8 @@ def validate_arguments(tool: Tool, arguments: Any) -> str | None:
         cls = jsonschema.validators.validator_for(tool.parameters)
         v = cls(tool.parameters)
         _validators[key] = v
+    if v.is_valid(arguments):
+        return None
     err = jsonschema.exceptions.best_match(v.iter_errors(dict(arguments)))
     if err is None:
         return None

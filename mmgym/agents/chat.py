@@ -30,6 +30,7 @@ __all__ = [
     "Conversation",
     "content_parts",
     "observation_message",
+    "message_parts",
 ]
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -83,6 +84,8 @@ def content_parts(text: str, images: tuple[np.ndarray, ...] = (), frames: tuple[
         elif piece == VIDEO_PLACEHOLDER and frames and not video_used:
             parts.append({"type": "video", "video": list(frames)})
             video_used = True
+        elif piece and parts and parts[-1]["type"] == "text":
+            parts[-1]["text"] += piece  # an unmatched placeholder stays literal text
         elif piece:
             parts.append({"type": "text", "text": piece})
     lead: list[dict[str, Any]] = [{"type": "image", "image": im} for im in images[img_i:]]

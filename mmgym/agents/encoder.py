@@ -184,6 +184,7 @@ class EpisodeEncoder:
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
         if images:
             kwargs["images"] = images
+            kwargs["input_data_format"] = "channels_last"  # DESIGN §2: HxWx3 (a 3-px-high image is not CHW)
         if videos:
             kwargs["videos"] = videos
             kwargs["do_sample_frames"] = False
@@ -240,9 +241,9 @@ class EpisodeEncoder:
         return n, ended, False
 
     def add_reply(self, state: TokenState, ids: list[int], logprobs: list[float], *, ended: bool, text: str) -> None:
-        """Record a sampled reply (context = turns dropped at sampling time)."""
+        """Record a sampled reply (with the turns already dropped when it was sampled)."""
         state.append(Segment(kind="gen", turn=state.current_turn(), ids=list(ids), logprobs=list(logprobs),
-                             context=len(state.dropped), ended=ended, text=text))
+                             context=frozenset(state.dropped), ended=ended, text=text))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

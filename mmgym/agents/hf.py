@@ -283,29 +283,29 @@ class HFPolicy:
     # ------------------------------------------------------------------ sampling
     def _generate_batch(self, states: list[TokenState], sampling: SamplingParams) -> list[Generation]:
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, StoppingCriteriaList
 
         inputs, slots = self._collate(states, pad_left=True)
         prompt_len = inputs["input_ids"].shape[1]
-        gen_cfg = GenerationConfig(
+        cfg: dict[str, Any] = dict(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not sampling.greedy,
-            temperature=None if sampling.greedy else sampling.temperature,
-            top_p=None if sampling.greedy else sampling.top_p,
-            top_k=None if sampling.greedy else 0,
             eos_token_id=list(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
-            suppress_tokens=list(self.suppress_token_ids) or None,
             output_logits=True,
             return_dict_in_generate=True,
             use_cache=True,
         )
+        if not sampling.greedy:  # a fresh config: no top-k or repetition penalty from the checkpoint
+            cfg.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if self.suppress_token_ids:
+            cfg["suppress_tokens"] = list(self.suppress_token_ids)
+        criteria = StoppingCriteriaList([_StopStrings(self.tokenizer, sampling.stop, prompt_len)]) if sampling.stop else None
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         self._cache_slots = slots if self.cache_vision else None
         try:
-            out = self.model.generate(**inputs, generation_config=gen_cfg,
-                                      **({"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer} if sampling.stop else {}))
+            out = self.model.generate(**inputs, generation_config=GenerationConfig(**cfg), stopping_criteria=criteria)
         finally:
             self._cache_slots = None
         new = out.sequences[:, prompt_len:].cpu()
@@ -404,10 +404,14 @@ class HFPolicy:
     # ------------------------------------------------------------------ vision cache
     def _patch_vision(self, owner: Any) -> None:
         """Wrap ``owner.get_image_features`` to count encodes and serve cached features."""
+        owner._mmgym_policy = self  # the wrappers serve the newest policy built on this model
+        if getattr(owner, "_mmgym_patched", False):
+            return
+        owner._mmgym_patched = True
         original = owner.get_image_features
-        policy = self
 
         def get_image_features(pixel_values: Any, image_grid_thw: Any = None, **kwargs: Any) -> Any:
+            policy = owner._mmgym_policy
             slots = policy._cache_slots
             n_images = int(image_grid_thw.shape[0]) if image_grid_thw is not None else int(pixel_values.shape[0])
             if slots is None or image_grid_thw is None or len(slots) != n_images:
@@ -422,7 +426,7 @@ class HFPolicy:
             original_video = owner.get_video_features
 
             def get_video_features(pixel_values_videos: Any, video_grid_thw: Any = None, **kwargs: Any) -> Any:
-                policy.vision_stats.videos_encoded += int(video_grid_thw.shape[0]) if video_grid_thw is not None else 1
+                owner._mmgym_policy.vision_stats.videos_encoded += int(video_grid_thw.shape[0]) if video_grid_thw is not None else 1
                 return original_video(pixel_values_videos, video_grid_thw, **kwargs)
 
             owner.get_video_features = get_video_features
@@ -454,6 +458,22 @@ class HFPolicy:
         self.vision_stats.images_reused += len(slots) - len(missing)
         pooled = tuple(s.segment.features[s.index][1] for s in slots)
         return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=pooled)
+
+
+class _StopStrings:
+    """Stops a row once its *generated* text contains a stop string (the prompt never
+    counts, unlike transformers' ``stop_strings``, which also matches across it)."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], prompt_len: int):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:].tolist(), skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def _fresh(entry: Any, fp: tuple[int, ...]) -> bool:

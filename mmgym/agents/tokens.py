@@ -11,9 +11,10 @@ sampler's log-probs. Image tokens live inside ``prompt``/``obs`` segments togeth
 with that segment's processed pixels, so dropping a turn (visual-token budget) removes
 its image tokens and its pixels together: no image can be cut in half.
 
-When old turns are dropped, replies sampled *before* the drop were conditioned on a
-context that no longer exists; their tokens stay in the sequence as context with
-action mask 0, so every masked token's recorded log-prob is conditioned on exactly the
+When an old turn is dropped, the replies sampled after it but before the drop were
+conditioned on a context that no longer exists; their tokens stay in the sequence as
+context with action mask 0 (replies older than the dropped turn keep mask 1: their
+prefix is unchanged). So every token with action mask 1 was sampled from exactly the
 prefix that precedes it in ``Trajectory.token_ids``.
 """
 
@@ -56,7 +57,7 @@ class Segment:
     num_videos: int = 0
     features: list[Any] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    context: int = 0  # gen only: turns dropped when this reply was sampled
+    context: frozenset[int] = frozenset()  # gen only: turns already dropped when it was sampled
     ended: bool = False  # gen only: the reply ended with an end-of-turn token
     text: str = ""  # gen/given only: the reply text
     closed: bool = False  # gen only: the assistant message that follows was recorded
@@ -129,12 +130,16 @@ class TokenState:
             raise ValueError(f"turn {turn} cannot be dropped (task turn or turn being answered)")
         self.dropped.add(turn)
 
+    def same_prefix(self, seg: Segment) -> bool:
+        """True iff no turn older than ``seg`` was dropped after ``seg`` was sampled."""
+        return all(t in seg.context for t in self.dropped if t < seg.turn)
+
     # ----- export
     def export(self) -> tuple[list[int], list[int], list[float], dict[int, tuple[int, int]], ModelInputs]:
         """Final context as (token_ids, action_mask, logprobs, turn -> token span, inputs).
 
-        A reply is trainable (mask 1) iff it is still present and no turn was dropped
-        after it was sampled (then its prefix here is exactly what the sampler saw).
+        A reply is trainable (mask 1) iff it is still present and no turn older than it
+        was dropped after it was sampled (then its prefix here is what the sampler saw).
         """
         ids: list[int] = []
         mask: list[int] = []
@@ -144,11 +149,10 @@ class TokenState:
         seq: dict[str, list[int]] = {k: [] for k in seq_keys}
         media_parts: list[dict[str, Any]] = []
         n_img = 0
-        n_dropped = len(self.dropped)
         for s in self.active():
             start = len(ids)
             ids.extend(s.ids)
-            trainable = s.kind == "gen" and s.context == n_dropped and len(s.ids) > 0
+            trainable = s.kind == "gen" and len(s.ids) > 0 and self.same_prefix(s)
             mask.extend([1 if trainable else 0] * len(s.ids))
             lps.extend(s.logprobs if trainable else [0.0] * len(s.ids))
             if trainable:

@@ -22,7 +22,7 @@ The building blocks (``group_normalize``, ``gae_advantages``, ``discounted_retur
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -236,10 +236,6 @@ class EstimatorConfig:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown advantage estimator {self.estimator!r}; known: {', '.join(ESTIMATORS.names())}")
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
 
 Estimator = Callable[[AdvantageInputs, EstimatorConfig], AdvantageOutput]
 ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
@@ -339,13 +335,15 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool 
     Returns:
       (B, T) float.
     """
-    m = mask.to(values.dtype)
-    count = m.sum()
-    mean = (values * m).sum() / count.clamp(min=1)
-    var = (((values - mean) ** 2) * m).sum() / (count - 1).clamp(min=1)
+    mask = mask.bool()
+    zero = _zero(values)
+    count = mask.sum()
+    mean = torch.where(mask, values, zero).sum() / count.clamp(min=1)
+    centred = torch.where(mask, values - mean, zero).reshape(-1)
+    var = torch.dot(centred, centred) / (count - 1).clamp(min=1)
     out = (values - mean) if shift_mean else values
     out = out * torch.rsqrt(var + 1e-8)
-    return torch.where(mask.bool(), out, _zero(values))
+    return torch.where(mask, out, zero)
 
 
 def gae_advantages(
@@ -380,8 +378,8 @@ def gae_advantages(
     """
     batch, length = rewards.shape
     zero = _zero(rewards)
-    # Column-major copies make each step's slice contiguous.
-    r = rewards.t().contiguous()
+    # Column-major copies make each step's slice contiguous; r - V is taken once up front.
+    r_minus_v = (rewards - values.to(rewards.dtype)).t().contiguous()
     v = values.to(rewards.dtype).t().contiguous()
     m = mask.bool().t().contiguous()
     d = dones.bool().t().contiguous() if dones is not None else None
@@ -395,8 +393,9 @@ def gae_advantages(
             dt = d[t]
             next_value = torch.where(dt, zero, next_value)
             last = torch.where(dt, zero, last)
-        adv = r[t] + gamma * next_value - v[t] + gl * last
-        out[t] = torch.where(mt, adv, zero)
+        # delta_t + gamma*lam*A_{t+1} = (r_t - V_t) + gamma*V_next + gamma*lam*A_{t+1}
+        adv = torch.add(r_minus_v[t], next_value, alpha=gamma).add_(last, alpha=gl)
+        torch.where(mt, adv, zero, out=out[t])
         last = torch.where(mt, adv, last)
         next_value = torch.where(mt, v[t], next_value)
     return out.t()
@@ -448,8 +447,9 @@ def grpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
 
 @ESTIMATORS.register("dr_grpo")
 def dr_grpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
-    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv:2503.20783,
-    §3.2, the Dr. GRPO objective): A_i = r_i - mean_G(r), no std division.
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective", arXiv:2503.20783, the Dr. GRPO objective that drops GRPO's std and
+    length normalisers): A_i = r_i - mean_G(r), no std division.
 
     Pair it with ``aggregate(..., "seq_mean_token_sum_norm")`` (sum over tokens divided by
     a constant length) to remove both of GRPO's biases. Returns (B, T).
@@ -462,7 +462,8 @@ def dr_grpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
 @ESTIMATORS.register("rloo")
 def rloo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
     """RLOO (Kool et al. 2019 "Buy 4 REINFORCE samples"; Ahmadian et al. 2024,
-    arXiv:2402.14740, §3.2): A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean_G(r)).
+    arXiv:2402.14740, the RLOO estimator):
+    A_i = r_i - mean_{j != i} r_j = G/(G-1) (r_i - mean_G(r)).
 
     A group of one gets 0. Returns (B, T).
     """
@@ -484,8 +485,9 @@ def _token_rewards(inputs: AdvantageInputs) -> torch.Tensor:
 
 @ESTIMATORS.register("reinforce_pp")
 def reinforce_pp(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
-    """REINFORCE++ (Hu 2025, arXiv:2501.03262, §3: token-level discounted return, then
-    global advantage normalisation over the batch).
+    """REINFORCE++ (Hu 2025, "REINFORCE++", arXiv:2501.03262: token-level discounted
+    return G_t = sum_{s >= t} gamma^(s-t) r_s, then global advantage normalisation
+    A = (G - mean_batch) / std_batch).
 
     Token rewards: each turn's reward on its end token plus ``token_rewards`` (e.g.
     -beta*KL); G_t = sum_{s >= t} gamma^(s-t) r_s over generated tokens; A = whiten(G)
@@ -498,7 +500,8 @@ def reinforce_pp(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutp
 
 @ESTIMATORS.register("reinforce_pp_baseline")
 def reinforce_pp_baseline(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
-    """REINFORCE++-baseline (Hu 2025, arXiv:2501.03262, §3.3): A_i = r_i - mean_G(r),
+    """REINFORCE++-baseline (Hu 2025, arXiv:2501.03262, the group-mean baseline variant):
+    A_i = r_i - mean_G(r),
     broadcast to tokens, then whitened over the action mask of the whole batch
     (``cfg.whiten``; the global shift makes an all-equal group's advantage the small
     constant -mean/std, as in the paper and verl). Returns (B, T).
@@ -624,7 +627,8 @@ def bilevel_gae(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutpu
 @ESTIMATORS.register("mt_grpo")
 def mt_grpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
     """MT-GRPO (Zeng et al. 2025, "Reinforcing Multi-Turn Reasoning in LLM Agents via
-    Turn-Level Credit Assignment", arXiv:2505.11821, §3: the MT-GRPO advantage).
+    Turn-Level Credit Assignment", arXiv:2505.11821, the MT-GRPO advantage
+    A = A^O + lambda * A^T on first-turn tokens, A^O after).
 
     R_T = sum of ``turn_rewards`` over turns ``k <= first_tool_turn`` that are not the last
     real turn (the last turn holds the outcome); R_O = ``outcome``. Each is GRPO-normalised
@@ -647,7 +651,8 @@ def mt_grpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
 @ESTIMATORS.register("igpo")
 def igpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
     """IGPO (Wang et al. 2025, "Information Gain-based Policy Optimization",
-    arXiv:2510.14967, §3: turn rewards, group normalisation, discounted accumulation).
+    arXiv:2510.14967: turn rewards r_t, group normalisation Ahat = (r - mean_G)/std_G
+    over all turn rewards of the group, discounted accumulation over turns).
 
     ``turn_rewards`` must already hold the IGPO rewards: information gains on the
     intermediate turns and the answer reward on the last (build them with
@@ -678,7 +683,8 @@ def information_gain_rewards(
     *,
     final_reward: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """IGPO turn rewards (Wang et al. 2025, arXiv:2510.14967, §3.2, information gain).
+    """IGPO turn rewards (Wang et al. 2025, arXiv:2510.14967, the information-gain reward
+    r_t = p_t - p_{t-1}).
 
     p_t = exp(mean_j log pi(a_j | history after t turns)) is the policy's teacher-forced
     probability of the ground-truth answer a; turn k's reward is p_{k+1} - p_k. The last

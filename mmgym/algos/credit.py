@@ -39,9 +39,11 @@ PHASH_PREFIX = "phash:"
 # --------------------------------------------------------------------------- turn <-> token
 
 
-def _valid_turn_tokens(token_turn: torch.Tensor, action_mask: torch.Tensor, num_turns: int) -> torch.Tensor:
-    """(B, T) bool: generated tokens whose turn index lies in ``[0, num_turns)``."""
-    return action_mask.bool() & (token_turn >= 0) & (token_turn < num_turns)
+def _turn_index(token_turn: torch.Tensor, action_mask: torch.Tensor, num_turns: int) -> torch.Tensor:
+    """(B, T) long: the turn of each generated token, ``num_turns`` for every other token
+    (non-generated, or a turn index outside ``[0, num_turns)``)."""
+    spare = torch.tensor(num_turns, dtype=token_turn.dtype, device=token_turn.device)
+    return torch.where(action_mask.bool() & (token_turn >= 0), token_turn, spare).clamp_(max=num_turns)
 
 
 def broadcast_turn_values(
@@ -60,12 +62,9 @@ def broadcast_turn_values(
       tokens whose turn index is outside ``[0, K)``).
     """
     num_turns = turn_values.shape[1]
-    valid = _valid_turn_tokens(token_turn, action_mask, num_turns)
-    if num_turns == 0:
-        return torch.zeros(token_turn.shape, dtype=turn_values.dtype, device=turn_values.device)
-    index = token_turn.clamp(0, num_turns - 1)
-    out = torch.gather(turn_values, 1, index)
-    return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    # Column K of the padded table is 0: every non-generated token reads it.
+    padded = torch.cat([turn_values, turn_values.new_zeros(turn_values.shape[0], 1)], dim=1)
+    return torch.gather(padded, 1, _turn_index(token_turn, action_mask, num_turns))
 
 
 def turn_end_positions(token_turn: torch.Tensor, action_mask: torch.Tensor, num_turns: int) -> torch.Tensor:
@@ -81,9 +80,8 @@ def turn_end_positions(token_turn: torch.Tensor, action_mask: torch.Tensor, num_
       ``-1`` for a turn that generated no token.
     """
     batch, length = token_turn.shape
-    valid = _valid_turn_tokens(token_turn, action_mask, num_turns)
-    # Invalid tokens scatter into a spare column K that is dropped afterwards.
-    index = torch.where(valid, token_turn, torch.full_like(token_turn, num_turns))
+    # Other tokens scatter into a spare column K that is dropped afterwards.
+    index = _turn_index(token_turn, action_mask, num_turns)
     pos = torch.arange(length, device=token_turn.device).expand(batch, length)
     out = torch.full((batch, num_turns + 1), -1, dtype=torch.long, device=token_turn.device)
     out = out.scatter_reduce(1, index, pos, reduce="amax", include_self=True)

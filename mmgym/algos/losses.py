@@ -117,8 +117,8 @@ AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
+    mask = mask.bool()
+    return torch.where(mask, x, _zero(x)).sum() / mask.sum().clamp(min=1)
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,8 @@ def ppo_clip_loss(
     Schulman et al. 2017 (arXiv:1707.06347) Eq. 7, L = -min(rho*A, clip(rho, 1-eps, 1+eps)*A)
     with rho = exp(logprobs - old_logprobs); DAPO clip-higher (Yu et al. 2025,
     arXiv:2503.14476, §3.1) uses eps_low = ``clip_low`` and eps_high = ``clip_high``; dual
-    clip (Ye et al. 2020, arXiv:1912.09729, §3.2) caps the loss of A < 0 tokens at -c*A.
+    clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL",
+    arXiv:1912.09729, the dual-clip PPO objective) caps the loss of A < 0 tokens at -c*A.
 
     Args:
       logprobs: (B, T) current policy log-probs (carries the gradient).
@@ -156,7 +157,11 @@ def ppo_clip_loss(
       ratio_mean), metrics detached, averaged over the mask.
     """
     mask = mask.bool()
-    log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    # Sanitise off-mask entries first: padding may hold -inf/NaN, and a NaN that is only
+    # masked afterwards still poisons the gradient (0 * NaN).
+    advantages = torch.where(mask, advantages, _zero(advantages))
+    log_ratio = torch.where(mask, logprobs - old_logprobs, _zero(logprobs))
+    log_ratio = log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     loss1 = -advantages * ratio
@@ -202,10 +207,12 @@ def gspo_loss(
     """
     mask = mask.bool()
     m = mask.to(logprobs.dtype)
+    advantages = torch.where(mask, advantages, _zero(advantages))
     log_ratio = torch.where(mask, logprobs - old_logprobs, _zero(logprobs))
     lengths = m.sum(dim=1).clamp(min=1)
     seq_log_ratio = log_ratio.sum(dim=1) / lengths  # (B,)
-    token_log_ratio = seq_log_ratio.detach().unsqueeze(1) + logprobs - logprobs.detach()
+    safe_logprobs = torch.where(mask, logprobs, _zero(logprobs))
+    token_log_ratio = seq_log_ratio.detach().unsqueeze(1) + safe_logprobs - safe_logprobs.detach()
     ratio = token_log_ratio.clamp(max=_LOG_RATIO_CLAMP).exp()
     clipped = ratio.clamp(1.0 - cfg.gspo_clip_low, 1.0 + cfg.gspo_clip_high)
     loss1 = -advantages * ratio
@@ -305,11 +312,11 @@ def token_mean(loss: torch.Tensor, mask: torch.Tensor, *, norm_length: int | Non
 def seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, *, norm_length: int | None = None) -> torch.Tensor:
     """Mean over each sequence's masked tokens, then mean over the sequences that have any
     (GRPO, Shao et al. 2024 Eq. 3; GSPO)."""
-    m = mask.to(loss.dtype)
-    count = m.sum(dim=1)
-    per_seq = (loss * m).sum(dim=1) / count.clamp(min=1)
-    has = (count > 0).to(loss.dtype)
-    return (per_seq * has).sum() / has.sum().clamp(min=1)
+    mask = mask.bool()
+    count = mask.sum(dim=1)
+    per_seq = torch.where(mask, loss, _zero(loss)).sum(dim=1) / count.clamp(min=1)
+    has = count > 0
+    return torch.where(has, per_seq, _zero(per_seq)).sum() / has.sum().clamp(min=1)
 
 
 @AGGREGATIONS.register("seq_mean_token_sum_norm")
@@ -317,11 +324,10 @@ def seq_mean_token_sum_norm(
     loss: torch.Tensor, mask: torch.Tensor, *, norm_length: int | None = None
 ) -> torch.Tensor:
     """Sum over each sequence's masked tokens divided by a constant length, then mean
-    over all B sequences (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783, §3.2: no
+    over all B sequences (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783, its loss: no
     per-sequence length normalisation). The constant is ``norm_length`` or T."""
-    m = mask.to(loss.dtype)
     length = loss.shape[-1] if norm_length is None else norm_length
-    return ((loss * m).sum(dim=1) / length).mean()
+    return (torch.where(mask.bool(), loss, _zero(loss)).sum(dim=1) / length).mean()
 
 
 def aggregate(

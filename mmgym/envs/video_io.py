@@ -147,7 +147,7 @@ class _DecordDecoder:
     name = "decord"
 
     def __init__(self, path: Path):
-        import decord
+        import decord  # noqa: F401
 
         self.path = path
         try:
@@ -162,7 +162,7 @@ class _DecordDecoder:
         self.meta = VideoMeta(int(n), fps, int(w), int(h))
 
     def decode(self, indices: Sequence[int]) -> dict[int, np.ndarray]:
-        import decord
+        import decord  # noqa: F401
 
         idx = sorted(set(int(i) for i in indices))
         try:

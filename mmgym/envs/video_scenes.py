@@ -32,11 +32,14 @@ from mmgym.envs.video_io import write_mp4
 
 __all__ = ["SceneConfig", "Sign", "Sprite", "VideoSpec", "make_spec", "render_frame", "draw_sign", "ensure_video", "default_cache_dir", "SIGN_LETTERS"]
 
-GEN_VERSION = 1
+GEN_VERSION = 2
 SALT = 0x71DE0
 SIGN_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"  # no I, O, Q: too easy to confuse at small sizes
 SPRITE_SHAPES = ("circle", "square", "triangle", "diamond")
 SIGN_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+# Letter styles vary per sign (font, offset inside the board), so a downsampled letter
+# cannot be recognised by matching one known rendering.
+SIGN_FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX, cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_PLAIN)
 
 
 def default_cache_dir() -> Path:
@@ -53,6 +56,7 @@ class SceneConfig:
     height: int = 240
     fps: int = 8
     duration: tuple[int, int] = (30, 75)
+    sign_frac: float = 0.075  # board side / video width; the letter is 0.6 of the board
 
     def __post_init__(self) -> None:
         if self.width < 64 or self.height < 48 or self.width % 2 or self.height % 2:
@@ -62,9 +66,11 @@ class SceneConfig:
         lo, hi = self.duration
         if not 20 <= lo <= hi <= 3600:
             raise ValueError(f"duration must be (min, max) seconds with 20 <= min <= max <= 3600, got {self.duration}")
+        if not 0.02 <= self.sign_frac <= 0.3:
+            raise ValueError(f"sign_frac must be in [0.02, 0.3], got {self.sign_frac}")
 
     def key(self) -> str:
-        raw = f"v{GEN_VERSION}-{self.width}x{self.height}-{self.fps}-{self.duration[0]}-{self.duration[1]}"
+        raw = f"v{GEN_VERSION}-{self.width}x{self.height}-{self.fps}-{self.duration[0]}-{self.duration[1]}-{self.sign_frac:g}"
         return hashlib.blake2b(raw.encode(), digest_size=4).hexdigest()
 
 
@@ -95,6 +101,9 @@ class Sign:
     side: float
     start: float
     end: float
+    font: int = cv2.FONT_HERSHEY_SIMPLEX
+    dx: float = 0.0  # letter offset inside the board, as a fraction of its side
+    dy: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -137,7 +146,7 @@ def _make_signs(rng: np.random.Generator, cfg: SceneConfig, duration: int) -> tu
     k = int(rng.integers(2, 4))
     letters = rng.choice(list(SIGN_LETTERS), size=k, replace=False)
     colours = rng.choice(list(SIGN_COLOURS), size=k, replace=False)
-    side = round(0.075 * w)
+    side = round(cfg.sign_frac * w)
     slot = (duration - 2.0) / k
     signs = []
     for j in range(k):
@@ -147,7 +156,9 @@ def _make_signs(rng: np.random.Generator, cfg: SceneConfig, duration: int) -> tu
         # Upper band, clear of the timestamp label drawn in the top-left corner.
         cx = float(rng.uniform(0.25 * w, 0.9 * w))
         cy = float(rng.uniform(0.22 * h, 0.5 * h))
-        signs.append(Sign(str(letters[j]), str(colours[j]), cx, cy, float(side), start, end))
+        font = SIGN_FONTS[int(rng.integers(len(SIGN_FONTS)))]
+        dx, dy = (float(v) for v in rng.uniform(-0.12, 0.12, size=2))
+        signs.append(Sign(str(letters[j]), str(colours[j]), cx, cy, float(side), start, end, font, dx, dy))
     return tuple(signs)
 
 
@@ -197,11 +208,12 @@ def draw_sign(img: np.ndarray, s: Sign) -> None:
     cv2.rectangle(img, p1, p2, col, -1)
     cv2.rectangle(img, p1, p2, (250, 250, 250), 1)
     ink = (15, 15, 15) if sum(col) > 380 else (250, 250, 250)
-    scale = s.side * 0.6 / 22.0  # FONT_HERSHEY_SIMPLEX capitals are ~22 px tall at scale 1
     thick = max(1, int(round(s.side / 14)))
-    (tw, th), _ = cv2.getTextSize(s.letter, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-    org = (int(round(s.cx - tw / 2)), int(round(s.cy + th / 2)))
-    cv2.putText(img, s.letter, org, cv2.FONT_HERSHEY_SIMPLEX, scale, ink, thick, cv2.LINE_AA)
+    (_, h1), _ = cv2.getTextSize("H", s.font, 1.0, thick)
+    scale = s.side * 0.6 / max(h1, 1)  # capitals 0.6 of the board, whatever the font
+    (tw, th), _ = cv2.getTextSize(s.letter, s.font, scale, thick)
+    org = (int(round(s.cx + s.dx * s.side - tw / 2)), int(round(s.cy + s.dy * s.side + th / 2)))
+    cv2.putText(img, s.letter, org, s.font, scale, ink, thick, cv2.LINE_AA)
 
 
 def render_frame(spec: VideoSpec, bg: np.ndarray, i: int) -> np.ndarray:

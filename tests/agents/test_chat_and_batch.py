@@ -98,7 +98,7 @@ def test_build_rollout_batch_by_hand():
     assert b.action_mask.tolist() == [[False, True, True, False, True], [False, False, True, False, False]]
     assert b.old_logprobs[0].tolist() == [0.0, -0.5, -0.5, 0.0, -0.5]
     assert b.token_turn.tolist() == [[-1, 0, 0, -1, 1], [-1, -1, 0, -1, -1]]
-    assert b.turn_rewards.tolist() == [[0.0, 1.0], [-0.1, 0.0]]
+    assert b.turn_rewards.tolist() == [[0.0, 1.0], [pytest.approx(-0.1), 0.0]]
     assert b.turn_mask.tolist() == [[True, True], [True, False]]
     assert b.state_keys.tolist() == [[0, 1], [0, -1]]  # same anchor string -> same id
     assert b.group_ids.tolist() == [0, 1]

@@ -6,6 +6,8 @@ import math
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from mmgym.algos import ESTIMATORS, AdvantageInputs, AdvantageOutput, EstimatorConfig, compute_advantages
@@ -455,3 +457,36 @@ def test_tokenless_turn_hands_reward_to_previous_turn():
     inputs = replace(multi_turn([[0, 0, -1]], [[0.0, 1.0]], [0], values=[[0.0, 0.0, 0.0]]))
     out = run("gae", inputs, whiten=False)
     torch.testing.assert_close(out.advantages, t([[1.0, 1.0, 0.0]]))
+
+
+def test_configs_load_through_core_config():
+    from mmgym.algos import LossConfig
+    from mmgym.core import ConfigError, from_dict
+
+    cfg = from_dict(EstimatorConfig, {"estimator": "gigpo", "gigpo_mode": "mean_std_norm", "gamma": 1})
+    assert cfg.gigpo_mode == "mean_std_norm" and cfg.gamma == 1.0
+    loss = from_dict(LossConfig, {"clip_high": 0.28, "dual_clip": 3, "agg_mode": "seq_mean_token_sum_norm"})
+    assert loss.dual_clip == 3.0
+    with pytest.raises(ConfigError, match="gigpo_mode"):
+        from_dict(EstimatorConfig, {"gigpo_mode": "median"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0])), min_size=1, max_size=24)
+)
+def test_group_normalize_properties(pairs):
+    # within every group of >= 2 distinct values: mean 0 and unbiased std ~1 (eps aside);
+    # any group of equal values: exactly 0
+    seg_raw = L([p[0] for p in pairs])
+    x = t([p[1] for p in pairs])
+    seg, n = torch.unique(seg_raw, return_inverse=True)[1], int(torch.unique(seg_raw).numel())
+    out = group_normalize(x, seg, n, eps=1e-12)
+    for gid in range(n):
+        members = out[seg == gid]
+        vals = x[seg == gid]
+        if vals.max() == vals.min():
+            assert (members == 0).all()
+        else:
+            assert abs(members.mean().item()) < 1e-9
+            assert members.std().item() == pytest.approx(1.0, abs=1e-6)

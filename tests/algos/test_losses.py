@@ -235,3 +235,16 @@ def test_losses_do_not_mutate_inputs():
         POLICY_LOSSES.get(name)(logp, old, adv, mask, LossConfig(dual_clip=2.0))
     for a, c in zip((logp, old, adv, mask), copies):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo"])
+def test_padding_with_inf_and_nan_gives_finite_loss_and_gradient(name):
+    logp = t([[-0.5, -1.0, float("-inf")]]).requires_grad_(True)
+    old = t([[-0.6, -1.0, float("-inf")]])
+    adv = t([[1.0, -1.0, float("nan")]])
+    mask = torch.tensor([[True, True, False]])
+    loss, metrics = POLICY_LOSSES.get(name)(logp, old, adv, mask, LossConfig())
+    total = aggregate(loss, mask, "seq_mean_token_mean")
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(logp.grad).all()
+    assert all(torch.isfinite(v) for v in metrics.values())

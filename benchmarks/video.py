@@ -5,7 +5,9 @@
 2. The frame-cache hit ratio over an episode: overview, ``crop_video`` of the gt span,
    ``get_frames`` inside it, ``zoom_frame`` on one of those frames, answer.
 
-Run: ``python benchmarks/video.py [--videos 4] [--crops 12] [--episodes 20]``.
+3. With ``--baselines N``: success of the oracle and the scripted baselines on N tasks.
+
+Run: ``python benchmarks/video.py [--videos 4] [--crops 12] [--episodes 20] [--baselines 200]``.
 """
 
 from __future__ import annotations
@@ -61,12 +63,35 @@ def episode_hit_ratio(cache_dir: Path, backend: str, episodes: int) -> tuple[flo
     return hits / max(1, hits + misses), hits, misses
 
 
+def baselines(cache_dir: Path, episodes: int) -> None:
+    """Success of the oracle and the scripted baselines on evaluation tasks 0..episodes-1."""
+    from mmgym.envs.video import overview_agent, overview_reader_agent, random_agent
+
+    env = VideoFramesEnv(cache_dir=str(cache_dir))
+    for name, agent in [("oracle", None), ("overview", overview_agent), ("overview_reader", overview_reader_agent), ("random", random_agent)]:
+        wins: dict[str, list[bool]] = {}
+        for i in range(episodes):
+            env.reset(seed=i, options={"task_index": i})
+            rng = np.random.default_rng(i)
+            while True:
+                _, _, term, trunc, info = env.step(env.oracle_action() if agent is None else agent(env, rng))
+                if term or trunc:
+                    break
+            kind = env.task.qtype + ("/collision" if "touch" in env.task.question else "/sign")
+            wins.setdefault(kind, []).append(bool(info["success"]))
+        total = np.mean([w for v in wins.values() for w in v])
+        per = ", ".join(f"{k} {np.mean(v):.3f} (n={len(v)})" for k, v in sorted(wins.items()))
+        log.info("%-15s success %.3f over %d episodes: %s", name, total, episodes, per)
+    env.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=4)
     ap.add_argument("--crops", type=int, default=12)
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--cache-dir", type=str, default=None, help="default: a temporary folder")
+    ap.add_argument("--baselines", type=int, default=0, help="also play N evaluation tasks with the oracle and baselines")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tmp = tempfile.TemporaryDirectory() if args.cache_dir is None else None
@@ -84,6 +109,8 @@ def main() -> None:
     for b in backends:
         ratio, h, m = episode_hit_ratio(cache, b, args.episodes)
         log.info("episode cache %-6s: hit ratio %.3f (%d hits, %d misses over %d episodes)", b, ratio, h, m, args.episodes)
+    if args.baselines:
+        baselines(cache, args.baselines)
     if tmp is not None:
         tmp.cleanup()
 

@@ -208,7 +208,7 @@ class EpisodeEncoder:
         if self.image_token_id is not None and not images and self.image_token_id in ids:
             raise InputRejected(f"turn {turn}'s text holds image tokens but no image")
         return Segment(kind=kind, turn=turn, ids=ids, seq=seq, media=media, num_images=len(images),
-                       num_videos=len(videos), features=[None] * len(images))
+                       num_videos=len(videos), features=[None] * len(images), images=tuple(images))
 
     def _text_segment(self, kind: SegmentKind, turn: int, text: str) -> Segment:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

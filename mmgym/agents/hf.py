@@ -230,12 +230,13 @@ class HFPolicy:
         inputs: list[ModelInputs | None] = list(batch.extras.get(MODEL_INPUTS_KEY) or [None] * B)
         temps = batch.extras.get("temperature")
         temps = torch.ones(B) if temps is None else torch.as_tensor(temps, dtype=torch.float32).reshape(B)
-        step = self.logprob_micro_batch or B
-        rows_out: list[torch.Tensor] = []
-        for lo in range(0, B, max(1, step)):
-            hi = min(B, lo + step)
-            rows_out.append(self._logprobs_rows(batch, inputs, temps, lo, hi))
-        out = torch.cat(rows_out, dim=0) if rows_out else torch.zeros(B, T)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        rows = [b for b in range(B) if lengths[b] >= 2]  # empty rows (scripted, failed) stay 0
+        out = torch.zeros((B, T), dtype=torch.float32, device=self.device)
+        step = self.logprob_micro_batch or max(1, len(rows))
+        for lo in range(0, len(rows), step):
+            idx = rows[lo: lo + step]
+            out[idx] = self._logprobs_rows(batch, inputs, temps, idx)
         return torch.where(batch.action_mask.to(out.device), out, torch.zeros((), device=out.device, dtype=out.dtype))
 
     # ------------------------------------------------------------------ helpers for users
@@ -369,22 +370,20 @@ class HFPolicy:
             raise RuntimeError(f"mmgym bug: {found} image tokens for {expected} image features ({n_images} images)")
 
     # ------------------------------------------------------------------ training forward
-    def _logprobs_rows(self, batch: RolloutBatch, inputs: list[ModelInputs | None], temps: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def _logprobs_rows(self, batch: RolloutBatch, inputs: list[ModelInputs | None], temps: torch.Tensor,
+                       idx: list[int]) -> torch.Tensor:
+        """(len(idx), T) log-probs of rows ``idx`` (each with at least 2 tokens)."""
         import torch
 
         T = batch.input_ids.shape[1]
-        am = batch.attention_mask[lo:hi]
-        lengths = am.sum(-1)
-        t_max = int(lengths.max()) if len(lengths) else 0
-        out = torch.zeros((hi - lo, T), dtype=torch.float32, device=self.device)
-        if t_max < 2:
-            return out
-        ids = batch.input_ids[lo:hi, :t_max].to(self.device)
+        n = len(idx)
+        am = batch.attention_mask[idx]
+        t_max = int(am.sum(-1).max())
+        ids = batch.input_ids[idx, :t_max].to(self.device)
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": am[:, :t_max].long().to(self.device)}
-        rows = inputs[lo:hi]
-        seq_keys = sorted({k for mi in rows if mi is not None for k in mi.seq})
-        for k in seq_keys:
-            t = torch.zeros((hi - lo, t_max), dtype=torch.long)
+        rows = [inputs[b] for b in idx]
+        for k in sorted({k for mi in rows if mi is not None for k in mi.seq}):
+            t = torch.zeros((n, t_max), dtype=torch.long)
             for r, mi in enumerate(rows):
                 if mi is not None and k in mi.seq:
                     vals = mi.seq[k][:t_max]
@@ -394,12 +393,11 @@ class HFPolicy:
         kwargs.update({k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in media.items()})
         self._check_image_tokens(kwargs, sum(mi.num_images for mi in rows if mi is not None))
         logits = self.model(**kwargs, use_cache=False).logits[:, :-1].float()
-        temp = temps[lo:hi].to(logits.device).clamp_min(1e-6)[:, None, None]
+        temp = temps[idx].to(logits.device).clamp_min(1e-6)[:, None, None]
         logits = (logits / temp).masked_fill(self._suppress_mask.to(logits.device), float("-inf"))
         lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]
-        out = torch.cat([torch.zeros((hi - lo, 1), device=lp.device, dtype=lp.dtype), lp,
-                         torch.zeros((hi - lo, T - t_max), device=lp.device, dtype=lp.dtype)], dim=1)
-        return out
+        zero = torch.zeros((), device=lp.device, dtype=lp.dtype)
+        return torch.cat([zero.expand(n, 1), lp, zero.expand(n, T - t_max)], dim=1)
 
     # ------------------------------------------------------------------ vision cache
     def _patch_vision(self, owner: Any) -> None:

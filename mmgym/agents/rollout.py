@@ -164,8 +164,10 @@ def play(policy: Policy, slots: list[EpisodeSlot], runners: Sequence[GroupRunner
             for i, (sl, gen) in items.items():
                 _record_step(sl, gen, results[i], s)
                 stats["turns"] += 1
+    temp_fn = getattr(policy, "logprob_temperature", None)
+    temperature = float(temp_fn(s.sampling)) if callable(temp_fn) else s.sampling.logprob_temperature
     for sl in slots:
-        _finish(sl, s)
+        _finish(sl, temperature)
     return [sl.traj for sl in slots]
 
 
@@ -233,11 +235,11 @@ def _end_without_step(sl: EpisodeSlot, gen: Generation) -> None:
     logger.info("episode %s (group %d) ended without a reply: %s", sl.traj.task_id, sl.group, gen.error)
 
 
-def _finish(sl: EpisodeSlot, s: RolloutSettings) -> None:
+def _finish(sl: EpisodeSlot, temperature: float) -> None:
     state = sl.conv.state
     if isinstance(state, TokenState):
         state.fill_trajectory(sl.traj)
-        sl.traj.info[TEMPERATURE_KEY] = s.sampling.logprob_temperature
+        sl.traj.info[TEMPERATURE_KEY] = temperature
     sl.traj.dropped_turns = max(sl.traj.dropped_turns, sl.conv.dropped_turns)
     sl.conv.meta.clear()  # drop env references; the trajectory is self-contained
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -267,7 +268,8 @@ def test_template_without_tools_gets_them_in_the_system_prompt(make_image):
     text = pol.render(conv)
     assert text.startswith("<|im_start|>system\n# Tools") and '"name": "zoom"' in text
     trajs = _play(pol, [conv], 2, SamplingParams(max_new_tokens=6, seed=0), make_image)
-    assert pol.tokenizer.decode(trajs[0].token_ids).startswith(text)
+    decoded = re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", pol.tokenizer.decode(trajs[0].token_ids))
+    assert decoded.startswith(text)
     batch = build_rollout_batch(trajs, pol.pad_token_id)
     with torch.no_grad():
         lp = pol.logprobs(batch)

@@ -1,0 +1,158 @@
+"""Trainer configuration: nested frozen dataclasses (DESIGN §8).
+
+Load with ``mmgym.core.load_config(TrainConfig, yaml_path, ["algo.loss.clip_high=0.28"])``;
+unknown keys and wrong types are errors that name the key, and ``__post_init__`` rejects
+bad combinations with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mmgym.algos import SAMPLERS, EstimatorConfig, LossConfig
+
+__all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "AlgoSection", "OptimSection", "TrainConfig"]
+
+
+def _default_env_kwargs() -> dict[str, Any]:
+    # The tiny default model learns region zoom far faster than pixel coordinates; the
+    # zoom turn gets its own verified reward (DeepEyes' tool reward / LongVT's IoU idea).
+    return {"zoom": "region", "grid": 4, "zoom_size": 224, "question_types": ["attribute"], "zoom_reward": 0.5, "max_turns": 3}
+
+
+@dataclass(frozen=True)
+class EnvSection:
+    id: str = "mmgym/ChainOfFocus-v0"
+    """Registered environment id."""
+    kwargs: dict[str, Any] = field(default_factory=_default_env_kwargs)
+    """Keyword arguments for ``gymnasium.make``."""
+    eval_episodes: int = 200
+    """Held-out evaluation tasks: ``task_index`` 0..eval_episodes-1, never drawn in training."""
+    eval_every: int = 10
+    """Evaluate every this many RL iterations (0: only before and after RL)."""
+
+    def __post_init__(self) -> None:
+        if self.eval_episodes < 1:
+            raise ValueError(f"env.eval_episodes must be >= 1, got {self.eval_episodes}")
+        if self.eval_every < 0:
+            raise ValueError(f"env.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str | None = None
+    """A local checkpoint directory (transformers format); None: the embedded tiny model."""
+    lora: bool = False
+    """Train LoRA adapters only (the reference model is then the adapter-disabled base)."""
+    lora_rank: int = 8
+    max_context: int | None = None
+    """Context length in tokens (default: the model's own)."""
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    tasks_per_iter: int = 8
+    """Distinct tasks per RL iteration (N)."""
+    group_size: int = 8
+    """Episodes per task (G of GRPO)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 40
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tasks_per_iter < 1 or self.group_size < 1:
+            raise ValueError("rollout.tasks_per_iter and rollout.group_size must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class SFTSection:
+    enabled: bool = True
+    """Supervised warm start on oracle demonstrations before RL."""
+    demonstrations: int = 1024
+    """Oracle episodes recorded through the rollout path (the demonstration budget)."""
+    steps: int = 600
+    """Optimizer steps over the demonstrations."""
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.demonstrations < 1 or self.steps < 0 or self.batch_size < 1:
+            raise ValueError("sft.demonstrations and sft.batch_size must be >= 1 and sft.steps >= 0")
+
+
+@dataclass(frozen=True)
+class AlgoSection:
+    estimator: EstimatorConfig = field(default_factory=lambda: EstimatorConfig(estimator="mt_grpo"))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(kl_coef=0.01, clip_high=0.28))
+    ppo_epochs: int = 1
+    minibatch_size: int = 32
+    sampler: str = "uniform"
+    """Task sampler (``mmgym.algos.SAMPLERS``); tasks are drawn from a pool of ``task_pool`` seeds."""
+    task_pool: int = 4096
+    drop_zero_variance_groups: bool = False
+    """DAPO dynamic sampling: exclude groups whose returns are all equal from the update."""
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1 or self.minibatch_size < 1:
+            raise ValueError("algo.ppo_epochs and algo.minibatch_size must be >= 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown algo.sampler {self.sampler!r}; known: {', '.join(SAMPLERS.names())}")
+        if self.estimator.estimator in ("gae", "bilevel_gae"):
+            raise ValueError(f"algo.estimator.estimator={self.estimator.estimator!r} needs a critic, which this trainer "
+                             "does not build yet; use grpo, dr_grpo, rloo, reinforce_pp, gigpo or mt_grpo")
+        if self.loss.entropy_coef != 0.0:
+            raise ValueError("algo.loss.entropy_coef must be 0: the HF backend returns sampled-token log-probs only")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError("optim.lr and optim.grad_clip must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 60
+    """RL iterations (collect -> score -> estimate -> update)."""
+    seed: int = 0
+    out_root: str = "runs"
+    """Run folders are created under this directory."""
+    run_name: str | None = None
+    """Run folder name (default: a timestamp and the seed)."""
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    sample_episodes: int = 4
+    """Episodes written as HTML pages at each evaluation."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    max_bad_updates: int = 3
+    """Consecutive non-finite losses that stop the run (the last good checkpoint stays)."""
+    env: EnvSection = field(default_factory=EnvSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.algo.estimator.estimator in ("grpo", "dr_grpo", "rloo", "gigpo", "mt_grpo") and self.rollout.group_size < 2:
+            raise ValueError(f"algo.estimator.estimator={self.algo.estimator.estimator!r} compares episodes within a group: "
+                             "set rollout.group_size >= 2")

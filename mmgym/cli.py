@@ -48,6 +48,74 @@ def _cmd_play(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_train_config(args: argparse.Namespace, extra: Sequence[str] = ()):
+    from mmgym.core import load_config
+    from mmgym.trainer.config import TrainConfig
+
+    return load_config(TrainConfig, args.config, [*extra, *args.overrides])
+
+
+def _split_config_arg(args: argparse.Namespace) -> None:
+    """``mmgym train a=b`` has no config file: the first positional is an override."""
+    if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def _cmd_train(args: argparse.Namespace, *, sft_only: bool = False) -> int:
+    from mmgym.trainer import train
+    from mmgym.trainer.run_dir import RunDirError
+
+    _split_config_arg(args)
+    if args.resume and (args.config or args.overrides):
+        raise ConfigError("--resume continues a run with its saved config; drop the config file and overrides")
+    if args.resume:
+        from mmgym.core import from_dict
+        from mmgym.trainer.config import TrainConfig
+        from mmgym.trainer.run_dir import RunDir
+
+        cfg = from_dict(TrainConfig, RunDir.open_for_resume(args.resume).config_tree())
+    else:
+        cfg = _load_train_config(args, ["iterations=0"] if sft_only else [])
+    try:
+        summary = train(cfg, resume=args.resume, progress=not args.quiet)
+    except RunDirError as e:
+        print(f"mmgym {args.command}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    print(f"run folder: {summary['run_dir']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmgym.agents import HFPolicy
+    from mmgym.trainer.common import evaluate, model_dir
+
+    src = model_dir(args.checkpoint)
+    if not src.is_dir():
+        raise ConfigError(f"{args.checkpoint!r} is not a run folder, checkpoint or model folder")
+    policy = HFPolicy(src)
+    metrics, _ = evaluate(policy, args.env, _kv(args.env_kwargs), episodes=args.episodes, max_new_tokens=args.max_new_tokens,
+                          pages_dir=Path(args.out) if args.out else None, pages=args.pages if args.out else 0, progress=True)
+    print(json.dumps(metrics, indent=2))
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        print(f"{k:<{width}}  {v:.4f}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from mmgym.envs.server import serve
+
+    token = args.token or os.environ.get("MMGYM_SERVER_TOKEN") or None
+    serve(args.env_id, host=args.host, port=args.port, env_kwargs=_kv(args.env_kwargs), token=token, max_sessions=args.max_sessions, session_timeout_s=args.session_timeout, step_timeout_s=args.step_timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgym", description="Multimodal agent RL gym: envs, agents, algorithms, trainer.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,6 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="keyword arguments for gymnasium.make")
     pl.set_defaults(fn=_cmd_play)
+    for name, helptext in (("train", "warm start + multi-turn RL (defaults: the embedded model on ChainOfFocus)"),
+                           ("sft", "the supervised warm start on oracle demonstrations only")):
+        t = sub.add_parser(name, help=helptext)
+        t.add_argument("config", nargs="?", default=None, help="YAML config (see examples/)")
+        t.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. algo.loss.clip_high=0.28")
+        t.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+        t.add_argument("--quiet", action="store_true", help="no progress bars")
+        t.set_defaults(fn=_cmd_train if name == "train" else (lambda a: _cmd_train(a, sft_only=True)))
+    ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint on held-out tasks")
+    ev.add_argument("checkpoint", help="run folder, checkpoint folder or model folder")
+    ev.add_argument("--env", default="mmgym/ChainOfFocus-v0")
+    ev.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--episodes", type=int, default=200)
+    ev.add_argument("--max-new-tokens", type=int, default=40)
+    ev.add_argument("--out", default=None, help="write sample episode pages here")
+    ev.add_argument("--pages", type=int, default=8)
+    ev.set_defaults(fn=_cmd_eval)
+    sv = sub.add_parser("serve", help="host an env over HTTP/WebSocket (OpenEnv protocol; extra: server)")
+    sv.add_argument("env_id", help="environment id, e.g. mmgym/ChainOfFocus-v0")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (anything but loopback needs a token)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--token", default=None, help="auth token (default: $MMGYM_SERVER_TOKEN)")
+    sv.add_argument("--max-sessions", type=int, default=64)
+    sv.add_argument("--session-timeout", type=float, default=600.0, help="idle seconds before a session is closed")
+    sv.add_argument("--step-timeout", type=float, default=60.0, help="seconds one env call may take")
+    sv.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="keyword arguments for gymnasium.make")
+    sv.set_defaults(fn=_cmd_serve)
     return p
 
 

@@ -20,7 +20,6 @@ fixed seeds (``--no-envs`` leaves them out).
 from __future__ import annotations
 
 import argparse
-import filecmp
 import hashlib
 import json
 import logging
@@ -190,8 +189,8 @@ _PROBE_ACTIONS = (
 
 
 def env_corpus(seeds: int = 16) -> list[str]:
-    """Texts of every registered mmgym env that builds offline: first observations,
-    tool schemas (as the chat template renders them), and the env's feedback texts."""
+    """Texts of every registered mmgym env that builds offline without an extra: first
+    observations, system prompts, tool schemas and the env's replies to probe actions."""
     try:
         import gymnasium
 
@@ -199,8 +198,11 @@ def env_corpus(seeds: int = 16) -> list[str]:
     except Exception as e:  # pragma: no cover - the envs are optional for the build
         logger.warning("mmgym envs not importable (%s); corpus uses the fixed word list only", e)
         return []
+    from mmgym.envs.registration import NEEDS_EXTRA
+
     lines: list[str] = []
-    ids = sorted(k for k in gymnasium.registry if k.startswith("mmgym/"))
+    # robotics sims behind an extra are slow to build and hold no task text worth learning
+    ids = sorted(k for k in gymnasium.registry if k.startswith("mmgym/") and k not in NEEDS_EXTRA)
     for env_id in ids:
         try:
             env = gymnasium.make(env_id)
@@ -211,6 +213,8 @@ def env_corpus(seeds: int = 16) -> list[str]:
             for seed in range(seeds):
                 obs, info = env.reset(seed=seed)
                 lines.append(str(obs.get("text", "")))
+                if info.get("system_prompt"):
+                    lines.append(str(info["system_prompt"]))
                 for schema in info.get("tool_schemas", []) or []:
                     lines.append(json.dumps(schema, ensure_ascii=False))
                 for action in _PROBE_ACTIONS:
@@ -286,7 +290,7 @@ def build(out: Path, *, use_envs: bool = True) -> None:
     vocab_padded = (vocab + 63) // 64 * 64
 
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, cap_pixels_per_frame=True)
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -322,6 +326,8 @@ def build(out: Path, *, use_envs: bool = True) -> None:
     )
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    for f in out.iterdir():  # safetensors writes 0600; the package data must be world-readable
+        f.chmod(0o644)
     n_params = sum(p.numel() for p in model.parameters())
     size = (out / "model.safetensors").stat().st_size
     logger.info("wrote %s: %d parameters, %.2f MB weights, vocab %d (padded %d)", out, n_params, size / 1e6, vocab, vocab_padded)

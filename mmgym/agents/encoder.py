@@ -54,7 +54,8 @@ class ModelLoadError(ValueError):
 
 
 class InputRejected(Exception):
-    """A per-conversation input problem (recorded on the episode, never raised to callers)."""
+    """A conversation's input the processor or template cannot take (recorded on the
+    episode as its error, never raised to callers)."""
 
 
 @dataclass(slots=True)
@@ -141,20 +142,15 @@ class EpisodeEncoder:
 
     def _consume(self, conv: Conversation, state: TokenState) -> None:
         msgs = conv.messages
-        if not msgs:
-            raise InputRejected("the conversation has no messages")
+        _check_structure(msgs)
         i = state.n_msgs
         if i == 0:
             first = msgs[0]
-            if first.role not in ("user", "tool"):
-                raise InputRejected(f"the first message must be the task (role user), got role {first.role!r}")
             state.append(self._segment("prompt", first.turn, self.frame.prompt_text(conv.system, conv.tools, first), first))
             i = state.n_msgs = 1
         while i < len(msgs):
-            m, prev = msgs[i], msgs[i - 1]
+            m = msgs[i]
             if m.role == "assistant":
-                if prev.role == "assistant":
-                    raise InputRejected("two assistant messages in a row")
                 pending = state.pending
                 if pending is not None and pending.text == m.text:
                     pending.closed = True
@@ -169,13 +165,9 @@ class EpisodeEncoder:
                     seg.text = m.text
                     state.append(seg)
             else:
-                if prev.role != "assistant":
-                    raise InputRejected("observations must alternate with assistant replies")
                 state.append(self._segment("obs", m.turn, self.frame.obs_text(conv.system, conv.tools, m), m))
             i += 1
             state.n_msgs = i
-        if msgs[-1].role == "assistant":
-            raise InputRejected("the conversation ends with an assistant message: nothing to reply to")
 
     def _segment(self, kind: SegmentKind, turn: int, text: str, msg: Message) -> Segment:
         """Process one rendered chunk with its media through the model's processor."""
@@ -251,6 +243,19 @@ class EpisodeEncoder:
     def count_image_tokens(self, grid: Any) -> int:
         """Image tokens the processor emits for ``image_grid_thw`` rows (Qwen-style grids)."""
         return int((grid.prod(-1) // (self.merge_size * self.merge_size)).sum())
+
+
+def _check_structure(msgs: list[Message]) -> None:
+    """Raise ``ValueError`` for histories no chat model can answer (caller bugs)."""
+    if not msgs:
+        raise ValueError("the conversation has no messages: add the task observation first")
+    if msgs[0].role not in ("user", "tool"):
+        raise ValueError(f"the first message must be the task (role user), got role {msgs[0].role!r}")
+    for a, b in zip(msgs, msgs[1:]):
+        if (a.role == "assistant") == (b.role == "assistant"):
+            raise ValueError(f"messages must alternate observation / assistant reply; got {a.role!r} then {b.role!r}")
+    if msgs[-1].role == "assistant":
+        raise ValueError("the conversation ends with an assistant message: there is nothing to reply to")
 
 
 class ChatFrame:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -111,6 +111,7 @@ class HFPolicy:
         cache_vision: reuse each image's encoder output within an episode.
         attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         logprob_micro_batch: rows per forward in ``logprobs`` (``None``: all at once).
+        trust_remote_code: passed to ``from_pretrained`` (for models outside transformers).
     """
 
     def __init__(
@@ -244,7 +245,8 @@ class HFPolicy:
         """``build_rollout_batch`` with this model's pad id."""
         return build_rollout_batch(trajectories, self.pad_token_id, **kw)
 
-    def parameters(self):
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The trainable parameters (only the adapters with LoRA)."""
         return (p for p in self.model.parameters() if p.requires_grad)
 
     def train(self, mode: bool = True) -> HFPolicy:

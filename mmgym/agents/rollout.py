@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import gymnasium as gym
@@ -144,11 +144,16 @@ def play(policy: Policy, slots: list[EpisodeSlot], runners: Sequence[GroupRunner
     """Run ``slots`` (already reset) to the end; see the module docstring."""
     stats = {} if stats is None else stats
     stats.update(policy_calls=0, generated_tokens=0, turns=0)
+    call = 0
     while True:
         active = [sl for sl in slots if not sl.done]
         if not active:
             break
-        gens = policy.generate([sl.conv for sl in active], s.sampling)
+        sampling = s.sampling
+        if sampling.seed is not None:  # a fresh, reproducible stream for every turn
+            sampling = replace(sampling, seed=sampling.seed * 1_000_003 + call)
+        call += 1
+        gens = policy.generate([sl.conv for sl in active], sampling)
         if len(gens) != len(active):
             raise RuntimeError(f"policy returned {len(gens)} generations for {len(active)} conversations")
         stats["policy_calls"] += 1

@@ -4,7 +4,11 @@ Registries (one signature each, so the trainer never special-cases an entry):
 
 - ``ESTIMATORS``: ``estimate(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput``
   (``advantages`` (B, T), ``returns`` (B, T) or None): grpo, dr_grpo, rloo, reinforce_pp,
-  reinforce_pp_baseline, gae, gigpo, bilevel_gae, mt_grpo, igpo.
+  reinforce_pp_baseline, gae, gigpo, bilevel_gae, mt_grpo, igpo; fine-grained credit:
+  prime (``prime.py``), matchtir (``matchtir.py``), durian_grpo (``durian.py``).
+- ``TOKEN_WEIGHTS``: ``weights(inputs: TokenWeightInputs, cfg: TokenWeightConfig)
+  -> (weights (B, T), metrics)`` multiplied into the advantages: none, vppo, tor,
+  delta_logp, fipo (``token_weights.py``).
 - ``POLICY_LOSSES``: ``loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig)
   -> (per-token loss (B, T), metrics)``: ppo_clip, gspo.
 - ``AGGREGATIONS``: ``agg(loss (B, T), mask (B, T), *, norm_length) -> scalar``:
@@ -47,6 +51,32 @@ from mmgym.algos.losses import (
     kl_penalty,
     value_loss,
 )
+from mmgym.algos.durian import (
+    DurianConfig,
+    DurianEstimatorConfig,
+    combine_difficulty,
+    difficulty_bins,
+    durian_normalize,
+    visual_entropy,
+)
+from mmgym.algos.matchtir import (
+    MatchTIRConfig,
+    MatchTIREstimatorConfig,
+    call_similarity,
+    hard_assignment,
+    matchtir_turn_rewards,
+    matchtir_turn_rewards_batch,
+    similarity_matrix,
+    sinkhorn_plan,
+    soft_assignment,
+)
+from mmgym.algos.prime import (
+    PrimeConfig,
+    PrimeEstimatorConfig,
+    implicit_process_rewards,
+    prime_advantages,
+    prime_prm_loss,
+)
 from mmgym.algos.sampling import (
     SAMPLERS,
     DynamicSamplingResult,
@@ -58,11 +88,44 @@ from mmgym.algos.sampling import (
     overlong_shaping,
 )
 
+from mmgym.algos.token_weights import (
+    TOKEN_WEIGHTS,
+    TokenWeightConfig,
+    TokenWeightInputs,
+    compute_token_weights,
+    visual_dependency,
+)
+
 __all__ = [
     "AGGREGATIONS",
     "ESTIMATORS",
     "POLICY_LOSSES",
     "SAMPLERS",
+    "TOKEN_WEIGHTS",
+    "DurianConfig",
+    "DurianEstimatorConfig",
+    "MatchTIRConfig",
+    "MatchTIREstimatorConfig",
+    "PrimeConfig",
+    "PrimeEstimatorConfig",
+    "TokenWeightConfig",
+    "TokenWeightInputs",
+    "call_similarity",
+    "combine_difficulty",
+    "compute_token_weights",
+    "difficulty_bins",
+    "durian_normalize",
+    "hard_assignment",
+    "implicit_process_rewards",
+    "matchtir_turn_rewards",
+    "matchtir_turn_rewards_batch",
+    "prime_advantages",
+    "prime_prm_loss",
+    "similarity_matrix",
+    "sinkhorn_plan",
+    "soft_assignment",
+    "visual_dependency",
+    "visual_entropy",
     "AdvantageInputs",
     "AdvantageOutput",
     "DynamicSamplingResult",

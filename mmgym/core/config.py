@@ -171,18 +171,36 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, prefix: str = "") -> C:
         close = difflib.get_close_matches(str(k), list(fields), n=1)
         hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
         raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    # Nested sections given partially: start from the default section and update it.
-    for name, value in list(kwargs.items()):
+    kwargs = {}
+    for name, value in data.items():
         tp = hints[name]
-        if dataclasses.is_dataclass(tp) and isinstance(data[name], Mapping):
-            kwargs[name] = value
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+            # a section given partially starts from this field's own default section
+            default = _field_default(fields[name])
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                value = _merge(to_dict(default), value)
+        kwargs[name] = _coerce(value, tp, prefix + name)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config section '{prefix.rstrip('.') or cls.__name__}': {e}") from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(obj: Any) -> Any:

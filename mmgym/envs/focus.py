@@ -28,7 +28,7 @@ from mmgym.envs.datasets import DEFAULT_MAX_PIXELS, RowError, load_rgb, load_row
 from mmgym.envs.scenes import GLYPHS, PALETTE, add_clutter, background, draw_marker
 from mmgym.rewards import LETTERS, bbox_iou, choice_match
 from mmgym.tools import BBoxZoomTool, RegionZoomTool, ZoomState, draw_grid, resize_max_side
-from mmgym.tools.zoom import region_box
+from mmgym.tools.zoom import LABEL_CORNER
 
 __all__ = ["ChainOfFocusEnv", "FocusTask", "vstar_rows"]
 
@@ -178,6 +178,10 @@ class ChainOfFocusEnv(MMEnv):
             r, c = int(rng.integers(g)), int(rng.integers(g))
             lo_x, hi_x = c * cw + pad, (c + 1) * cw - pad
             lo_y, hi_y = r * ch + pad, (r + 1) * ch - pad
+            if self.zoom_mode == "region" and rng.random() < 0.5:  # keep clear of the cell's label
+                lo_x = max(lo_x, c * cw + LABEL_CORNER * cw)
+            elif self.zoom_mode == "region":
+                lo_y = max(lo_y, r * ch + LABEL_CORNER * ch)
             if hi_x <= lo_x or hi_y <= lo_y:
                 lo_x, hi_x, lo_y, hi_y = pad, w - pad, pad, h - pad
             cx, cy = float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))
@@ -298,6 +302,27 @@ class ChainOfFocusEnv(MMEnv):
         c = min(self.grid - 1, int(cx / (w / self.grid)))
         r = min(self.grid - 1, int(cy / (h / self.grid)))
         return r * self.grid + c + 1
+
+    def demonstration_action(self, rng: np.random.Generator, zoom_noise: float = 0.0) -> str:
+        """An oracle reply whose zoom goes to a random place with probability ``zoom_noise``.
+
+        Noisy demonstrations teach reading but not localisation (REFERENCES: the prototype's
+        50 %-random-zoom demonstrations); after a zoom that missed, the answer is a guess.
+        """
+        seen = int(self._metrics.get("_targets_seen", 0.0))
+        wants_zoom = any(not (seen >> k) & 1 for k in range(len(self.task.boxes))) and self._turn < self.max_turns - 1
+        if wants_zoom and rng.random() < zoom_noise:
+            h, w = self.task.image.shape[:2]
+            if self.zoom_mode == "region":
+                args: dict[str, Any] = {"region": int(rng.integers(1, self.grid * self.grid + 1))}
+            else:
+                s = max(h, w) * float(rng.uniform(0.05, 0.25))
+                x, y = float(rng.uniform(0, w - s)), float(rng.uniform(0, h - s))
+                args = {"bbox": [int(x), int(y), int(x + s), int(y + s)]}
+            return self.parser.format_call(ToolCall("zoom", args))
+        if not wants_zoom and self._turn > 0 and not seen:
+            return self.parser.format_answer(LETTERS[int(rng.integers(len(self.task.options)))])
+        return self.oracle_action()
 
     def oracle_action(self) -> str:
         seen = int(self._metrics.get("_targets_seen", 0.0))

@@ -1,5 +1,30 @@
-"""mmgym.rewards: pure verifiers and weighted reward rubrics."""
+"""mmgym.rewards: pure verifiers, weighted reward rubrics, judge/rubric rewards
+(``judge.py``) and partial-credit terms (``partial.py``)."""
 
+from mmgym.rewards.judge import (
+    Criterion,
+    Judge,
+    JudgeRequest,
+    JudgeResult,
+    JudgeScorer,
+    PolicyJudge,
+    RuleJudge,
+    TaskRubric,
+    Verdict,
+    judge_reward_term,
+    parse_verdict,
+)
+from mmgym.rewards.partial import (
+    ChecklistItem,
+    attribute_match_rate,
+    attribute_match_term,
+    checklist_score,
+    checklist_term,
+    entity_match_rate,
+    entity_match_term,
+    partial_credit,
+    text_checklist,
+)
 from mmgym.rewards.rubric import RUBRICS, RewardContext, RewardFn, Rubric, get_rubric
 from mmgym.rewards.verifiers import (
     LETTERS,
@@ -16,6 +41,26 @@ from mmgym.rewards.verifiers import (
 )
 
 __all__ = [
+    "ChecklistItem",
+    "Criterion",
+    "Judge",
+    "JudgeRequest",
+    "JudgeResult",
+    "JudgeScorer",
+    "PolicyJudge",
+    "RuleJudge",
+    "TaskRubric",
+    "Verdict",
+    "attribute_match_rate",
+    "attribute_match_term",
+    "checklist_score",
+    "checklist_term",
+    "entity_match_rate",
+    "entity_match_term",
+    "judge_reward_term",
+    "parse_verdict",
+    "partial_credit",
+    "text_checklist",
     "LETTERS",
     "RUBRICS",
     "RewardContext",

@@ -24,7 +24,9 @@ import numpy as np
 
 from mmgym.core import ToolResult
 
-__all__ = ["ZoomState", "BBoxZoomTool", "RegionZoomTool", "resize_max_side", "region_box", "draw_grid"]
+LABEL_CORNER = 0.4  # fraction of a cell's width/height taken by its label in the top-left corner
+
+__all__ = ["LABEL_CORNER", "ZoomState", "BBoxZoomTool", "RegionZoomTool", "resize_max_side", "region_box", "draw_grid"]
 
 MIN_SIDE = 28  # DeepEyes / Qwen2.5-VL minimum patch-merge size
 MAX_ASPECT = 100.0
@@ -159,11 +161,11 @@ def draw_grid(view: np.ndarray, grid: int) -> np.ndarray:
         x, y = round(i * w / grid), round(i * h / grid)
         cv2.line(out, (x, 0), (x, h - 1), (255, 255, 255), 1)
         cv2.line(out, (0, y), (w - 1, y), (255, 255, 255), 1)
-    scale = max(0.3, min(w, h) / grid / 60)
+    # small labels in each cell's top-left corner (LABEL_CORNER of the cell is reserved for them)
+    scale = max(0.25, min(w, h) / grid / 90)
     for k in range(1, grid * grid + 1):
         r, c = divmod(k - 1, grid)
-        org = (round(c * w / grid) + 2, round(r * h / grid) + int(12 * scale / 0.4))
-        cv2.putText(out, str(k), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 2, cv2.LINE_AA)
+        org = (round(c * w / grid) + 1, round(r * h / grid) + max(7, int(22 * scale)))
         cv2.putText(out, str(k), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), 1, cv2.LINE_AA)
     return out
 

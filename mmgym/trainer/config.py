@@ -79,10 +79,15 @@ class SFTSection:
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 20
+    zoom_noise: float = 0.0
+    """Probability that a demonstration's zoom goes to a random place (then the answer is a
+    guess): noisy demonstrations teach reading but not localisation."""
 
     def __post_init__(self) -> None:
         if self.demonstrations < 1 or self.steps < 0 or self.batch_size < 1:
             raise ValueError("sft.demonstrations and sft.batch_size must be >= 1 and sft.steps >= 0")
+        if not 0.0 <= self.zoom_noise <= 1.0:
+            raise ValueError(f"sft.zoom_noise must lie in [0, 1], got {self.zoom_noise}")
 
 
 @dataclass(frozen=True)

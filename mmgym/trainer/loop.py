@@ -1,0 +1,348 @@
+"""The trainer: an optional supervised warm start, then ``collect -> score -> estimate
+-> update`` iterations of multi-turn RL, with evaluation, checkpoints and resume.
+
+Each stage is a named method; the estimator, policy loss, aggregation and task sampler
+come from the algorithms' registries by name, so no estimator is special-cased here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmgym.agents import HFPolicy, RolloutCollector, RolloutSettings, SamplingParams
+from mmgym.algos import POLICY_LOSSES, SAMPLERS, AdvantageInputs, aggregate, compute_advantages, dynamic_sampling_filter, kl_penalty
+from mmgym.core import RolloutBatch, Trajectory, from_dict
+from mmgym.trainer import distributed as dist_utils
+from mmgym.trainer.common import DemonstrationPolicy, build_policy, episode_summary, evaluate, select_rows
+from mmgym.trainer.config import TrainConfig
+from mmgym.trainer.run_dir import RunDir
+
+__all__ = ["Trainer", "TrainingDiverged", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is intact."""
+
+
+@dataclass
+class TrainState:
+    phase: str = "sft"  # "sft" -> "rl" -> "done"
+    iteration: int = 0
+    sft_step: int = 0
+    bad_updates: int = 0
+    skipped_updates: int = 0
+    sampler: dict[str, Any] = field(default_factory=dict)
+    evals: dict[str, float] = field(default_factory=dict)  # "warm_start", "final" held-out success
+
+
+class Trainer:
+    """Holds the policy, optimizer, sampler and run folder of one run."""
+
+    def __init__(self, cfg: TrainConfig, run: RunDir, *, progress: bool = True):
+        self.cfg = cfg
+        self.run = run
+        self.progress = progress and dist_utils.is_main()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.rank, self.world = dist_utils.rank_and_world()
+        self.state = TrainState()
+        ckpt = run.latest_checkpoint()
+        self.policy: HFPolicy = build_policy(cfg, ckpt / "model" if ckpt else None)
+        self._seed_everything(cfg.seed + 1000 * self.rank)
+        self.sampler = SAMPLERS.get(cfg.algo.sampler)(cfg.algo.task_pool)
+        self.rng = np.random.default_rng([cfg.seed, self.rank])
+        self.ref: HFPolicy | None = None
+        self.optimizer = self._make_optimizer(cfg.sft.lr if cfg.sft.enabled else cfg.optim.lr)
+        if ckpt is not None:
+            self._restore(ckpt)
+        elif not cfg.sft.enabled:
+            self.state.phase = "rl"
+        self.env_kwargs = dict(cfg.env.kwargs)
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.optim.weight_decay)
+
+    def _restore(self, ckpt: Path) -> None:
+        raw = RunDir.load_state(ckpt)
+        self.state = from_dict(TrainState, {k: v for k, v in raw.items() if k in TrainState.__dataclass_fields__})
+        if self.state.phase != "sft":
+            self.optimizer = self._make_optimizer(self.cfg.optim.lr)
+        extra = torch.load(ckpt / "optim.pt", weights_only=False)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["torch_rng"])
+        if self.state.sampler:
+            self.sampler.load_state_dict(self.state.sampler)
+        self.rng = np.random.default_rng([self.cfg.seed, self.rank, self.state.iteration, self.state.sft_step])
+        log.info("resumed from %s (phase %s, iteration %d)", ckpt, self.state.phase, self.state.iteration)
+
+    def _lr_at(self, step: int, total: int, base: float, warmup: int, schedule: str) -> float:
+        if warmup and step < warmup:
+            return base * (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return base
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return base * (1 - frac) if schedule == "linear" else base * 0.5 * (1 + math.cos(math.pi * frac))
+
+    def _set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    # ------------------------------------------------------------------ checkpoints & logs
+    def checkpoint(self, step: int) -> None:
+        if not dist_utils.is_main():
+            return
+        self.state.sampler = self.sampler.state_dict()
+        self.run.save_checkpoint(step, policy=self.policy, optimizer=self.optimizer, state=self.state.__dict__, keep=self.cfg.keep_checkpoints)
+
+    def log(self, step: int, metrics: dict[str, float], phase: str) -> None:
+        if dist_utils.is_main():
+            self.run.log_metrics(step, metrics, phase=phase)
+
+    # ------------------------------------------------------------------ supervised warm start
+    def collect_demonstrations(self) -> list[Trajectory]:
+        cfg = self.cfg
+        settings = RolloutSettings(sampling=SamplingParams(temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens),
+                                   system_prompt=cfg.rollout.system_prompt, keep_images=False)
+        n = cfg.sft.demonstrations
+        chunk = min(64, n)
+        col = RolloutCollector(cfg.env.id, num_tasks=chunk, group_size=1, settings=settings, env_kwargs=self.env_kwargs)
+        demos: list[Trajectory] = []
+        seeds = np.random.default_rng([cfg.seed, 0xDE40, self.rank]).integers(2**31, size=n)
+        try:
+            for lo in range(0, n, chunk):
+                part = seeds[lo: lo + chunk].tolist()
+                if len(part) < chunk:
+                    col.close()
+                    col = RolloutCollector(cfg.env.id, num_tasks=len(part), group_size=1, settings=settings, env_kwargs=self.env_kwargs)
+                demo = DemonstrationPolicy(self.policy, zoom_noise=cfg.sft.zoom_noise, seed=cfg.seed + lo)
+                demos += col.collect(demo, seeds=part)
+        finally:
+            col.close()
+        # noisy demonstrations keep their (honest) guesses; clean ones must succeed
+        good = [t for t in demos if t.token_ids and (t.success or cfg.sft.zoom_noise > 0)]
+        log.info("demonstrations: %d of %d oracle episodes kept", len(good), len(demos))
+        return good
+
+    def sft(self) -> None:
+        """Cross-entropy on the oracle's tokens (action mask), minibatches of episodes."""
+        cfg = self.cfg.sft
+        demos = self.collect_demonstrations()
+        if not demos:
+            raise RuntimeError("the oracle produced no successful demonstration; check the env's oracle_action()")
+        self.policy.train()
+        steps = range(self.state.sft_step, cfg.steps)
+        if self.progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="sft", unit="step", initial=self.state.sft_step, total=cfg.steps)
+        for step in steps:
+            idx = self.rng.choice(len(demos), size=min(cfg.batch_size, len(demos)), replace=False)
+            batch = self.policy.build_batch([demos[i] for i in idx])
+            self._set_lr(self._lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, "constant"))
+            logp = self.policy.logprobs(batch)
+            mask = batch.action_mask.float()
+            loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+            if not self._apply(loss):
+                continue
+            self.state.sft_step = step + 1
+            if step % 20 == 0 or step == cfg.steps - 1:
+                self.log(step, {"loss": float(loss.detach()), "token_acc": float((logp.detach().exp() * mask).sum() / mask.sum().clamp(min=1))}, "sft")
+                if self.progress:
+                    steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        self.policy.eval()
+
+    # ------------------------------------------------------------------ RL stages
+    def collect(self, iteration: int) -> tuple[list[Trajectory], list[int]]:
+        """Sample N tasks from the task pool and play G episodes of each."""
+        cfg = self.cfg.rollout
+        task_ids = self.sampler.select(cfg.tasks_per_iter, self.rng)
+        seeds = [int(self.cfg.seed * 1_000_003 + 7919 * t + self.rank) % 2**31 for t in task_ids]
+        settings = RolloutSettings(
+            sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
+            system_prompt=cfg.system_prompt, keep_images=False)
+        self.policy.eval()
+        trajs = self.collector.collect(self.policy, seeds=seeds, settings=settings)
+        return trajs, task_ids
+
+    def score(self, trajs: list[Trajectory], task_ids: list[int]) -> tuple[RolloutBatch, dict[str, float]]:
+        """Pad trajectories into a batch; update the task sampler; optionally drop flat groups."""
+        G = self.cfg.rollout.group_size
+        succ = [float(np.mean([t.success for t in trajs[g * G:(g + 1) * G]])) for g in range(len(task_ids))]
+        self.sampler.update(task_ids, succ)
+        metrics = episode_summary(trajs)
+        metrics["errors"] = float(sum(t.termination_reason == "env_error" for t in trajs))
+        keep = [i for i, t in enumerate(trajs) if t.token_ids and t.termination_reason != "env_error"]
+        batch = self.policy.build_batch([trajs[i] for i in keep])
+        if self.cfg.algo.drop_zero_variance_groups:
+            mask = dynamic_sampling_filter(batch.outcome, batch.group_ids)
+            metrics["kept_fraction"] = float(mask.float().mean())
+            if bool(mask.any()):
+                batch = select_rows(batch, mask.nonzero()[:, 0].tolist())
+        return batch, metrics
+
+    def estimate(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, T) token advantages from the configured estimator."""
+        out = compute_advantages(AdvantageInputs.from_batch(batch), self.cfg.algo.estimator)
+        return out.advantages.detach()
+
+    def update(self, batch: RolloutBatch, adv: torch.Tensor, iteration: int) -> dict[str, float]:
+        """PPO epochs over minibatches: clipped policy loss (+ KL to the reference)."""
+        algo = self.cfg.algo
+        loss_fn = POLICY_LOSSES.get(algo.loss.policy_loss)
+        ref_lp = self._reference_logprobs(batch)
+        stats: dict[str, list[float]] = {}
+        self.policy.train()
+        B = batch.batch_size
+        for _epoch in range(algo.ppo_epochs):
+            order = self.rng.permutation(B)
+            for lo in range(0, B, algo.minibatch_size):
+                idx = order[lo: lo + algo.minibatch_size].tolist()
+                mb = select_rows(batch, idx)
+                logp = self.policy.logprobs(mb)
+                mask = mb.action_mask
+                per_tok, m = loss_fn(logp, mb.old_logprobs, adv[idx], mask, algo.loss)
+                if ref_lp is not None and algo.loss.kl_coef > 0:
+                    kl = kl_penalty(logp, ref_lp[idx], algo.loss.kl_kind)
+                    per_tok = per_tok + algo.loss.kl_coef * kl
+                    m = dict(m, kl=aggregate(kl, mask, "token_mean"))
+                loss = aggregate(per_tok, mask, algo.loss.agg_mode, norm_length=algo.loss.norm_length)
+                if self._apply(loss):
+                    for k, v in m.items():
+                        stats.setdefault(k, []).append(float(v))
+                    stats.setdefault("loss", []).append(float(loss))
+        self.policy.eval()
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+        if self.cfg.algo.loss.kl_coef <= 0:
+            return None
+        if self.ref is None:  # frozen copy of the warm-started policy
+            self.ref = HFPolicy.from_model(copy.deepcopy(self.policy.model).eval(), self.policy.processor, name="reference",
+                                           max_context=self.policy.max_context)
+            for p in self.ref.model.parameters():
+                p.requires_grad_(False)
+        with torch.no_grad():
+            return self.ref.logprobs(batch)
+
+    def _apply(self, loss: torch.Tensor) -> bool:
+        """Backward + clip + step, unless the loss is not finite (then skip and count)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.state.bad_updates += 1
+            self.state.skipped_updates += 1
+            log.warning("non-finite loss (%s); update skipped (%d in a row)", float(loss), self.state.bad_updates)
+            self.log(self.state.iteration, {"skipped_update": 1.0, "bad_updates_in_a_row": float(self.state.bad_updates)}, "event")
+            if self.state.bad_updates >= self.cfg.max_bad_updates:
+                raise TrainingDiverged(f"{self.state.bad_updates} non-finite losses in a row; the last good checkpoint is in {self.run.ckpt_root}")
+            return False
+        self.state.bad_updates = 0
+        loss.backward()
+        dist_utils.average_gradients(self.policy.model)
+        torch.nn.utils.clip_grad_norm_([p for p in self.policy.model.parameters() if p.requires_grad], self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        return True
+
+    # ------------------------------------------------------------------ evaluation & driver
+    def evaluate(self, step: int, tag: str | None = None) -> dict[str, float]:
+        cfg = self.cfg
+        pages = self.run.episodes / f"step_{step:07d}" if dist_utils.is_main() else None
+        metrics, _ = evaluate(self.policy, cfg.env.id, self.env_kwargs, episodes=cfg.env.eval_episodes,
+                              max_new_tokens=cfg.rollout.max_new_tokens, system_prompt=cfg.rollout.system_prompt,
+                              pages_dir=pages, pages=cfg.sample_episodes, progress=self.progress)
+        self.log(step, metrics, "eval")
+        if tag:
+            self.state.evals[tag] = metrics["success"]
+        if dist_utils.is_main():
+            self.run.plot()
+        return metrics
+
+    def rl(self) -> None:
+        cfg = self.cfg
+        if self.state.iteration == 0 and "warm_start" not in self.state.evals:
+            self.evaluate(0, "warm_start")
+        self.collector = RolloutCollector(cfg.env.id, num_tasks=cfg.rollout.tasks_per_iter, group_size=cfg.rollout.group_size,
+                                          env_kwargs=self.env_kwargs)
+        its = range(self.state.iteration, cfg.iterations)
+        if self.progress:
+            from tqdm import tqdm
+
+            its = tqdm(its, desc="rl", unit="it", initial=self.state.iteration, total=cfg.iterations)
+        try:
+            for it in its:
+                self._set_lr(self._lr_at(it, cfg.iterations, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule))
+                t0 = time.perf_counter()
+                trajs, task_ids = self.collect(it)
+                t1 = time.perf_counter()
+                batch, metrics = self.score(trajs, task_ids)
+                adv = self.estimate(batch)
+                metrics.update(self.update(batch, adv, it))
+                metrics.update(collect_s=t1 - t0, update_s=time.perf_counter() - t1, lr=self.optimizer.param_groups[0]["lr"])
+                self.state.iteration = it + 1
+                self.log(it + 1, metrics, "rl")
+                if self.progress:
+                    its.set_postfix(reward=f"{metrics['reward_mean']:.2f}", success=f"{metrics['success']:.2f}")
+                if cfg.env.eval_every and (it + 1) % cfg.env.eval_every == 0 and it + 1 < cfg.iterations:
+                    self.evaluate(it + 1)
+                if (it + 1) % cfg.checkpoint_every == 0:
+                    self.checkpoint(it + 1)
+                    self.run.plot() if dist_utils.is_main() else None
+        finally:
+            self.collector.close()
+
+    def fit(self) -> dict[str, Any]:
+        """Run what is left of the run: warm start, RL, final evaluation."""
+        if self.state.phase == "sft":
+            if self.cfg.sft.steps > 0:
+                self.sft()
+            self.state.phase = "rl"
+            self.optimizer = self._make_optimizer(self.cfg.optim.lr)
+            self.checkpoint(0)
+        if self.state.phase == "rl":
+            self.rl()
+            final = self.evaluate(self.state.iteration, "final")
+            if self.world > 1:
+                self.log(self.state.iteration, {"ranks_in_sync": float(dist_utils.params_in_sync(self.policy.model)), "world_size": float(self.world)}, "dist")
+            self.state.phase = "done"
+            self.checkpoint(self.state.iteration)
+            return {"run_dir": str(self.run.path), **{f"eval/{k}": v for k, v in final.items()}, **self.state.evals}
+        return {"run_dir": str(self.run.path), **self.state.evals}
+
+
+def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Create (or resume) a run folder and train. Returns a summary dict."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars; no per-load/save bars from transformers
+    dist_utils.init_from_env()
+    if resume is not None:
+        run = RunDir.open_for_resume(Path(resume))
+    else:
+        name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-s{cfg.seed}"
+        path = Path(cfg.out_root) / name
+        run = RunDir.create(path, cfg) if dist_utils.is_main() else RunDir(path)
+        dist_utils.barrier()
+    try:
+        return Trainer(cfg, run, progress=progress).fit()
+    finally:
+        run.close()

@@ -1,0 +1,145 @@
+"""The trainer end to end on tiny configs: run folder contents, parameters change,
+resume after SIGKILL, bad configs, NaN guard, and a 2-process data-parallel run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TINY = [
+    "sft.demonstrations=8", "sft.steps=3", "sft.batch_size=4", "iterations=2", "rollout.tasks_per_iter=2",
+    "rollout.group_size=2", "rollout.max_new_tokens=24", "env.eval_episodes=4", "env.eval_every=1", "checkpoint_every=1",
+    "sample_episodes=2", "algo.minibatch_size=4",
+]
+
+
+def _mmgym(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "mmgym.cli", *args], capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next((ckpt / "model").glob("*.safetensors"))))
+
+
+def test_train_smoke_writes_the_run_folder(tmp_path: Path) -> None:
+    p = _mmgym("train", f"out_root={tmp_path}", "run_name=run", *TINY, "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "tensorboard", "checkpoints", "episodes"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(run.glob("episodes/*/index.html")) and list(run.glob("episodes/*/episode_000_files/*.png"))
+    phases = {json.loads(line)["phase"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert {"sft", "rl", "eval"} <= phases
+    cks = sorted((run / "checkpoints").iterdir())
+    assert [c.name for c in cks][-1] == "step_0000002" and len(cks) <= 3
+    # parameters changed between the warm start and the end of RL
+    first, last = _weights(cks[0]), _weights(cks[-1])
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    summary = json.loads(p.stdout[: p.stdout.rindex("}") + 1])
+    assert summary["run_dir"] == str(run) and "warm_start" in summary
+    # the saved checkpoint is a plain transformers folder: mmgym eval loads it
+    e = _mmgym("eval", str(run), "--episodes", "2", "--env-kwargs", "zoom=region", "max_turns=2")
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert '"success"' in e.stdout
+
+
+def test_existing_run_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("keep me")
+    p = _mmgym("train", f"out_root={tmp_path}", "run_name=run", *TINY)
+    assert p.returncode == 2 and "already exists" in p.stderr and "--resume" in p.stderr
+    assert (tmp_path / "run" / "x").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("algo.loss.clip_hgh=0.3", "unknown config key 'algo.loss.clip_hgh'"),
+    ("iterations=many", "config key 'iterations'"),
+    ("algo.estimator.estimator=gae", "needs a critic"),
+    ("rollout.group_size=1", "rollout.group_size >= 2"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, override: str, needle: str) -> None:
+    p = _mmgym("train", f"out_root={tmp_path}", override, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
+    args = ["train", f"out_root={tmp_path}", "run_name=run", *TINY, "iterations=6", "env.eval_every=0", "--quiet"]
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mmgym.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
+    run = tmp_path / "run"
+    deadline = time.time() + 400
+    while time.time() < deadline:  # wait until RL checkpoints exist, then kill mid-iteration
+        cks = [c for c in (run / "checkpoints").glob("step_*")] if (run / "checkpoints").exists() else []
+        if any(c.name >= "step_0000002" for c in cks):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = sorted(c.name for c in (run / "checkpoints").glob("step_*"))
+    assert before, "no checkpoint before the kill"
+    for ck in (run / "checkpoints").glob("step_*"):  # every complete checkpoint loads
+        json.loads((ck / "state.json").read_text())
+        _weights(ck)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip().endswith("}")]
+    last_before = max(r["step"] for r in rows if r["phase"] == "rl")
+    p = _mmgym("train", "--resume", str(run), "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rl_steps = [r["step"] for r in rows if r["phase"] == "rl"]
+    assert max(rl_steps) == 6 and min(s for s in rl_steps if s > int(before[-1][5:])) == int(before[-1][5:]) + 1
+    assert last_before <= 6
+    state = json.loads(sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("state.json").read_text())
+    assert state["iteration"] == 6 and state["phase"] == "done"
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "mmgym.cli",
+           "train", f"out_root={tmp_path}", "run_name=ddp", *TINY, "env.eval_every=0", "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    sync = [r for r in rows if r["phase"] == "dist"]
+    assert sync and sync[-1]["world_size"] == 2.0 and sync[-1]["ranks_in_sync"] == 1.0
+    assert max(r["step"] for r in rows if r["phase"] == "rl") == 2
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path: Path) -> None:
+    from mmgym.core import load_config
+    from mmgym.trainer import TrainConfig, TrainingDiverged
+    from mmgym.trainer.loop import Trainer
+    from mmgym.trainer.run_dir import RunDir
+
+    cfg = load_config(TrainConfig, overrides=[*TINY, f"out_root={tmp_path}"])
+    run = RunDir.create(tmp_path / "nan", cfg)
+    tr = Trainer(cfg, run, progress=False)
+    tr.checkpoint(0)
+    before = {k: v.clone() for k, v in tr.policy.model.state_dict().items()}
+    good = sum(p.sum() for p in tr.policy.model.parameters() if p.requires_grad) * 0.0
+    assert tr._apply(torch.tensor(float("nan"))) is False
+    assert tr._apply(good) is True and tr.state.bad_updates == 0  # a good update resets the count
+    assert tr._apply(torch.tensor(float("inf"))) is False
+    assert tr._apply(torch.tensor(float("nan"))) is False
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        tr._apply(torch.tensor(float("nan")))
+    assert tr.state.skipped_updates == 4
+    events = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert len(events) == 4
+    assert RunDir(run.path).latest_checkpoint().name == "step_0000000"
+    after = tr.policy.model.state_dict()
+    assert all(torch.allclose(before[k], after[k]) for k in before)  # zero-gradient step, no NaN written

@@ -326,9 +326,26 @@ def build(out: Path, *, use_envs: bool = True) -> None:
     )
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vision = sum(p.numel() for p in model.model.visual.parameters())
+    (out / "README.md").write_text(
+        "# mmgym's embedded tiny Qwen2.5-VL (untrained)\n\n"
+        "Built by `python scripts/build_tiny_model.py` (reproducible: the same repository state gives "
+        "the same bytes; `--out DIR --check` compares a fresh build with this copy).\n\n"
+        f"- architecture: `Qwen2_5_VLForConditionalGeneration`, {n_params:,} parameters "
+        f"({n_vision:,} in the vision tower), random init with seed {SEED}\n"
+        f"- text: {TEXT_CONFIG['hidden_size']}-d x {TEXT_CONFIG['num_hidden_layers']} layers; vision: "
+        f"{VISION_CONFIG['hidden_size']}-d x {VISION_CONFIG['depth']} blocks, patch {VISION_CONFIG['patch_size']}, "
+        f"merge {VISION_CONFIG['spatial_merge_size']}; a 224x224 image is 64 image tokens\n"
+        f"- tokenizer: byte-level BPE trained with `tokenizers` on mmgym's task text, {vocab} tokens "
+        "(Qwen2.5-VL's special tokens included; tags like `<tool_call>` and `<answer>` are single tokens)\n"
+        "- processor: stock `Qwen2_5_VLProcessor`; chat template: Qwen2.5-VL's with Qwen2.5's tool prompt\n\n"
+        "Load with `AutoModelForImageTextToText.from_pretrained(path)` / `AutoProcessor.from_pretrained(path)`, "
+        "or `mmgym.agents.HFPolicy()`.\n",
+        encoding="utf-8",
+    )
     for f in out.iterdir():  # safetensors writes 0600; the package data must be world-readable
         f.chmod(0o644)
-    n_params = sum(p.numel() for p in model.parameters())
     size = (out / "model.safetensors").stat().st_size
     logger.info("wrote %s: %d parameters, %.2f MB weights, vocab %d (padded %d)", out, n_params, size / 1e6, vocab, vocab_padded)
 

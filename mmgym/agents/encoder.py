@@ -217,6 +217,12 @@ class EpisodeEncoder:
             logger.debug("dropped turn %d to fit max_context=%d", turns[0], self.max_context)
         return True
 
+    def render(self, conv: Conversation) -> str:
+        """The whole conversation rendered by the chat template (roles mapped as for the model)."""
+        msgs = [_chat(m, self.tool_result_role if m.role == "tool" else m.role) for m in conv.messages]
+        gen = bool(conv.messages) and conv.messages[-1].role != "assistant"
+        return self.frame.render(conv.system, conv.tools, msgs, gen)
+
     # ------------------------------------------------------------------ replies
     def finish_reply(self, ids: list[int], stop: Sequence[str]) -> tuple[int, bool, bool]:
         """Where a raw sampled row ends: (length, ended with end-of-turn token, hit a stop string)."""

@@ -214,8 +214,13 @@ class HFPolicy:
 
         results, ready = self.encoder.prepare(conversations, sampling.max_new_tokens)
         if ready:
-            with torch.no_grad():
-                gens = self._generate_batch([p.state for p in ready], sampling)
+            training = self.model.training
+            self.model.eval()  # sample from the policy itself, never with dropout
+            try:
+                with torch.no_grad():
+                    gens = self._generate_batch([p.state for p in ready], sampling)
+            finally:
+                self.model.train(training)
             for p, g in zip(ready, gens):
                 results[p.index] = g
         return [g for g in results if g is not None]
@@ -224,7 +229,8 @@ class HFPolicy:
         """(B, T) log-prob of each token of ``batch.input_ids`` given its prefix, under the
         current weights, at the temperature the sampler used, with the same forbidden
         tokens; 0 where ``action_mask`` is 0. Differentiable (call under ``no_grad`` for
-        reference/old log-probs)."""
+        reference/old log-probs). The model runs in its current mode: keep dropout off
+        (``eval()``, the default) for ratios that start at exactly 1."""
         import torch
 
         B, T = batch.input_ids.shape
@@ -276,9 +282,9 @@ class HFPolicy:
             self.model.unmerge_adapter()
 
     def render(self, conv: Conversation) -> str:
-        """The conversation as the chat template renders it (for inspection)."""
-        return self.encoder.frame.render(conv.system, conv.tools, conv.to_chat(with_media=False)[int(conv.system is not None):],
-                                  add_generation_prompt=bool(conv.messages) and conv.messages[-1].role != "assistant")
+        """The conversation as the chat template renders it (what the model reads, with
+        one placeholder token per image)."""
+        return self.encoder.render(conv)
 
     def __repr__(self) -> str:
         return f"HFPolicy({self.name!r}, params={self.num_parameters():,}, device={self.device})"
@@ -397,7 +403,8 @@ class HFPolicy:
         logits = self.model(**kwargs, use_cache=False).logits[:, :-1].float()
         temp = temps[idx].to(logits.device).clamp_min(1e-6)[:, None, None]
         logits = (logits / temp).masked_fill(self._suppress_mask.to(logits.device), float("-inf"))
-        lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        # log-softmax at the sampled ids without a second (B, T, V) tensor
+        lp = logits.gather(2, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1)
         zero = torch.zeros((), device=lp.device, dtype=lp.dtype)
         return torch.cat([zero.expand(n, 1), lp, zero.expand(n, T - t_max)], dim=1)
 
@@ -496,8 +503,12 @@ def _load(path: Path, *, dtype: Any, attn_implementation: str | None, trust_remo
         raise ModelLoadError(f"could not load a processor from {str(path)!r}: {type(e).__name__}: {e}") from e
     check_chat_template(processor, str(path))
     kw: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
+        dtype = getattr(torch, dtype)
     if dtype is not None:
-        kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        kw["dtype"] = dtype
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
     try:

@@ -42,9 +42,13 @@ class RolloutSettings:
 
     max_turns: stop an episode after this many replies (truncated, reason
         ``max_turns``) even if the env would allow more; ``None``: the env decides.
-    system_prompt: optional system message before the task.
+    system_prompt: system message before the task (``None``: the env's reset-info
+        ``system_prompt`` if it gives one, else the chat template's default).
     tool_result_role: chat role of tool results (``"user"`` works with every template).
     keep_images: store each turn's images on ``Turn.images`` (for episode pages).
+    tool_schemas: pass the env's tool schemas to the chat template (``tools=``). Off
+        saves the template's tool preamble (~180 tokens) when the task text already says
+        how to call the tools, as for small models trained on one task.
     """
 
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -52,6 +56,7 @@ class RolloutSettings:
     system_prompt: str | None = None
     tool_result_role: Literal["user", "tool"] = "user"
     keep_images: bool = True
+    tool_schemas: bool = True
 
     def __post_init__(self) -> None:
         if self.max_turns is not None and self.max_turns < 1:
@@ -126,7 +131,9 @@ class RolloutCollector:
                 task_index=None if task_indices is None else task_indices[g],
             )
             for i, (obs, info) in enumerate(zip(obs_list, infos)):
-                conv = Conversation(system=s.system_prompt, tools=list(info.get("tool_schemas") or []) or None)
+                system = s.system_prompt if s.system_prompt is not None else info.get("system_prompt")
+                tools = list(info.get("tool_schemas") or []) if s.tool_schemas else []
+                conv = Conversation(system=system, tools=tools or None)
                 conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
                 traj = Trajectory(task_id=str(info.get("task_id", "")), group=g)
                 slot = EpisodeSlot(group=g, index=i, env=runner.envs[i], conv=conv, traj=traj, obs=obs, info=dict(info))

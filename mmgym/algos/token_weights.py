@@ -172,7 +172,7 @@ def _metrics(weights: torch.Tensor, mask: torch.Tensor, extra_forwards: int, **m
     with torch.no_grad():
         out = {
             "weight_mean": _masked_mean(weights, mask),
-            "weight_max": torch.where(mask.bool(), weights, torch.zeros((), dtype=weights.dtype)).amax()
+            "weight_max": torch.where(mask.bool(), weights, weights.new_zeros(())).amax()
             if weights.numel()
             else weights.new_zeros(()),
             "extra_forwards": torch.tensor(float(extra_forwards)),
@@ -305,7 +305,11 @@ def tor_weights(inputs: TokenWeightInputs, cfg: TokenWeightConfig) -> tuple[torc
     mask = inputs.action_mask.bool()
     dtype = inputs.logprobs.dtype if inputs.logprobs is not None else torch.float32
     zero = torch.zeros((), dtype=dtype, device=mask.device)
-    w = torch.where(perc, torch.tensor(cfg.tor_perception_weight, dtype=dtype), torch.tensor(cfg.tor_reasoning_weight, dtype=dtype))
+    w = torch.where(
+        perc,
+        torch.tensor(cfg.tor_perception_weight, dtype=dtype, device=mask.device),
+        torch.tensor(cfg.tor_reasoning_weight, dtype=dtype, device=mask.device),
+    )
     w = torch.where(mask, w, zero)
     if cfg.tor_normalize:
         total = w.sum(dim=1, keepdim=True)

@@ -256,6 +256,7 @@ def parse_verdict(text: str, criteria: Sequence[str]) -> Verdict:
     if not isinstance(text, str):
         return Verdict({}, error=f"judge reply is {type(text).__name__}, not text")
     wanted = set(criteria)
+    found: set[str] = set()  # criteria seen in the most complete candidate, for the error
     for span in reversed(_json_objects(text)):
         try:
             obj = json.loads(span)
@@ -277,10 +278,12 @@ def parse_verdict(text: str, criteria: Sequence[str]) -> Verdict:
         if wanted <= set(scores):
             rationale = obj.get("rationale", "")
             return Verdict({k: scores[k] for k in criteria}, rationale=str(rationale))
+        found = max(found, wanted & set(scores), key=len)
     scores = {m.group(1).strip(): float(m.group(2)) for m in _LINE_SCORE.finditer(text)}
     if wanted <= set(scores):
         return Verdict({k: scores[k] for k in criteria}, rationale=text.strip()[:500])
-    missing = sorted(wanted - set(scores))
+    found = max(found, wanted & set(scores), key=len)
+    missing = sorted(wanted - found)
     return Verdict({}, rationale=text[:500], error=f"no score for criteria {missing} in the judge's reply")
 
 

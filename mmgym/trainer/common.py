@@ -24,9 +24,19 @@ EVAL_CHUNK = 50
 
 
 def model_dir(path: str | Path) -> Path:
-    """A model folder from a run folder (its latest checkpoint), a checkpoint folder or a model folder."""
+    """A model folder from ``embedded:NAME``, a run folder (its latest checkpoint), a
+    checkpoint folder or a model folder."""
+    from mmgym.agents import tiny_model_path
     from mmgym.trainer.run_dir import RunDir
 
+    if isinstance(path, str) and path.startswith("embedded:"):
+        name = path.split(":", 1)[1]
+        base = tiny_model_path()
+        p = base if name == "base" else base.with_name(f"{base.name}_{name}")
+        if not (p / "config.json").is_file():
+            known = ["base"] + sorted(d.name.removeprefix(base.name + "_") for d in base.parent.glob(base.name + "_*"))
+            raise FileNotFoundError(f"no embedded model {name!r}; known: {', '.join(known)}")
+        return p
     p = Path(path)
     if (p / "checkpoints").is_dir():
         ck = RunDir(p).latest_checkpoint()
@@ -38,7 +48,7 @@ def model_dir(path: str | Path) -> Path:
 
 def build_policy(cfg: TrainConfig, model_path: str | Path | None = None) -> HFPolicy:
     """The policy to train: ``model_path`` (a checkpoint) or ``cfg.model.path`` or the embedded tiny model."""
-    path = model_path if model_path is not None else (model_dir(cfg.model.path) if cfg.model.path else None)
+    path = model_path if model_path is not None else model_dir(cfg.model.path)
     lora = LoraSettings(r=cfg.model.lora_rank) if cfg.model.lora else None
     return HFPolicy(path, lora=lora, max_context=cfg.model.max_context)
 
@@ -124,10 +134,10 @@ def episode_summary(trajs: Sequence[Trajectory]) -> dict[str, float]:
 
 
 def evaluate(policy: Any, env_id: str, env_kwargs: dict[str, Any], *, episodes: int, max_new_tokens: int,
-             system_prompt: str | None = None, pages_dir: Path | None = None, pages: int = 0, progress: bool = False) -> tuple[dict[str, float], list[Trajectory]]:
+             system_prompt: str | None = None, tool_schemas: bool = True, pages_dir: Path | None = None, pages: int = 0, progress: bool = False) -> tuple[dict[str, float], list[Trajectory]]:
     """Greedy episodes on the fixed evaluation tasks ``task_index = 0..episodes-1``."""
     settings = RolloutSettings(sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
-                               system_prompt=system_prompt, keep_images=pages > 0)
+                               system_prompt=system_prompt, keep_images=pages > 0, tool_schemas=tool_schemas)
     trajs: list[Trajectory] = []
     chunks = range(0, episodes, EVAL_CHUNK)
     if progress:

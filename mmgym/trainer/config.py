@@ -18,7 +18,8 @@ __all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "AlgoSe
 def _default_env_kwargs() -> dict[str, Any]:
     # The tiny default model learns region zoom far faster than pixel coordinates; the
     # zoom turn gets its own verified reward (DeepEyes' tool reward / LongVT's IoU idea).
-    return {"zoom": "region", "grid": 4, "zoom_size": 224, "question_types": ["attribute"], "zoom_reward": 0.5, "max_turns": 3}
+    return {"zoom": "region", "grid": 4, "view_size": 112, "zoom_size": 224, "marker_frac": 0.026,
+            "question_types": ["attribute"], "zoom_reward": 0.5, "max_turns": 2}
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ class EnvSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    path: str | None = None
-    """A local checkpoint directory (transformers format); None: the embedded tiny model."""
+    path: str = "embedded:focus_warm"
+    """A model folder (transformers format), a run or checkpoint folder, or ``embedded:NAME``
+    for a model shipped in the package: ``embedded:base`` (the untrained tiny Qwen2.5-VL) or
+    ``embedded:focus_warm`` (its warm start on ChainOfFocus, scripts/build_warm_start.py)."""
     lora: bool = False
     """Train LoRA adapters only (the reference model is then the adapter-disabled base)."""
     lora_rank: int = 8
@@ -60,6 +63,9 @@ class RolloutSection:
     top_p: float = 1.0
     max_new_tokens: int = 40
     system_prompt: str | None = None
+    tool_schemas: bool = False
+    """Pass the env's tool schemas to the chat template; the default recipe turns this off
+    (the task text says how to zoom, and the tiny model's context is better spent on images)."""
 
     def __post_init__(self) -> None:
         if self.tasks_per_iter < 1 or self.group_size < 1:
@@ -70,7 +76,7 @@ class RolloutSection:
 
 @dataclass(frozen=True)
 class SFTSection:
-    enabled: bool = True
+    enabled: bool = False
     """Supervised warm start on oracle demonstrations before RL."""
     demonstrations: int = 1024
     """Oracle episodes recorded through the rollout path (the demonstration budget)."""

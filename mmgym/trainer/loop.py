@@ -123,7 +123,7 @@ class Trainer:
     def collect_demonstrations(self) -> list[Trajectory]:
         cfg = self.cfg
         settings = RolloutSettings(sampling=SamplingParams(temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens),
-                                   system_prompt=cfg.rollout.system_prompt, keep_images=False)
+                                   system_prompt=cfg.rollout.system_prompt, keep_images=False, tool_schemas=cfg.rollout.tool_schemas)
         n = cfg.sft.demonstrations
         chunk = min(64, n)
         col = RolloutCollector(cfg.env.id, num_tasks=chunk, group_size=1, settings=settings, env_kwargs=self.env_kwargs)
@@ -180,7 +180,7 @@ class Trainer:
         seeds = [int(self.cfg.seed * 1_000_003 + 7919 * t + self.rank) % 2**31 for t in task_ids]
         settings = RolloutSettings(
             sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
-            system_prompt=cfg.system_prompt, keep_images=False)
+            system_prompt=cfg.system_prompt, keep_images=False, tool_schemas=cfg.tool_schemas)
         self.policy.eval()
         trajs = self.collector.collect(self.policy, seeds=seeds, settings=settings)
         return trajs, task_ids
@@ -269,7 +269,7 @@ class Trainer:
         pages = self.run.episodes / f"step_{step:07d}" if dist_utils.is_main() else None
         metrics, _ = evaluate(self.policy, cfg.env.id, self.env_kwargs, episodes=cfg.env.eval_episodes,
                               max_new_tokens=cfg.rollout.max_new_tokens, system_prompt=cfg.rollout.system_prompt,
-                              pages_dir=pages, pages=cfg.sample_episodes, progress=self.progress)
+                              tool_schemas=cfg.rollout.tool_schemas, pages_dir=pages, pages=cfg.sample_episodes, progress=self.progress)
         self.log(step, metrics, "eval")
         if tag:
             self.state.evals[tag] = metrics["success"]
@@ -320,7 +320,10 @@ class Trainer:
             self.checkpoint(0)
         if self.state.phase == "rl":
             self.rl()
-            final = self.evaluate(self.state.iteration, "final")
+            if self.cfg.iterations == 0:  # a warm start only: its evaluation is the final one
+                final = {"success": self.state.evals.get("warm_start", 0.0)}
+            else:
+                final = self.evaluate(self.state.iteration, "final")
             if self.world > 1:
                 self.log(self.state.iteration, {"ranks_in_sync": float(dist_utils.params_in_sync(self.policy.model)), "world_size": float(self.world)}, "dist")
             self.state.phase = "done"

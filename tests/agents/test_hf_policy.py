@@ -97,7 +97,7 @@ def test_vision_special_tokens_are_never_sampled(tiny_policy, make_image):
     vocab = tiny_policy.tokenizer.get_vocab()
     vision = {vocab[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")}
     assert vision <= set(tiny_policy.suppress_token_ids)
-    gens = tiny_policy.generate([_task(make_image()) for _ in range(16)], SamplingParams(temperature=5.0, max_new_tokens=48, seed=0))
+    gens = tiny_policy.generate([_task(make_image()) for _ in range(8)], SamplingParams(temperature=5.0, max_new_tokens=32, seed=0))
     sampled = {t for g in gens for t in g.token_ids}
     assert len(sampled) > 50  # a flat distribution really was sampled from
     assert not sampled & set(tiny_policy.suppress_token_ids)
@@ -291,3 +291,42 @@ def test_lora_trains_only_adapters(make_image):
     base = HFPolicy().model.state_dict()
     assert set(sd) == set(base)
     assert all(torch.equal(sd[k], base[k]) for k in base)  # lora_B starts at zero: merged == base
+
+
+def test_malformed_histories_are_caller_errors(tiny_policy, make_image):
+    with pytest.raises(ValueError, match="no messages"):
+        tiny_policy.generate([Conversation()], SamplingParams(max_new_tokens=2))
+    conv = _task(make_image())
+    conv.add_action("<answer>A</answer>")
+    with pytest.raises(ValueError, match="nothing to reply to"):
+        tiny_policy.generate([conv], SamplingParams(max_new_tokens=2))
+    conv = _task(make_image())
+    conv.messages.append(Message("user", "again"))
+    with pytest.raises(ValueError, match="alternate"):
+        tiny_policy.generate([conv], SamplingParams(max_new_tokens=2))
+
+
+def test_given_history_and_tool_role_render_like_the_template(tiny_policy, make_image):
+    """A history the policy did not sample (e.g. a demonstration) becomes context with
+    mask 0, and the token pieces concatenate to the template's own rendering."""
+    conv = _task(make_image())
+    conv.add_action('<tool_call>{"name": "zoom", "arguments": {"region": 3}}</tool_call>')
+    conv.messages.append(Message("tool", "<image>", images=(make_image(112, 112),), turn=1))
+    (g,) = tiny_policy.generate([conv], SamplingParams(max_new_tokens=4, seed=0))
+    state: TokenState = conv.state
+    assert [s.kind for s in state.segments] == ["prompt", "given", "obs", "gen"]
+    rendered = tiny_policy.render(conv)  # tool results go in as user turns by default
+    assert "<|im_start|>user\n<|vision_start|>" in rendered
+    prompt = tiny_policy.tokenizer.decode(state.ids()[: -len(g.token_ids)])
+    assert re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", prompt) == rendered
+    tr = Trajectory(task_id="given", turns=[Turn(index=0, observation=""), Turn(index=1, observation="")])
+    state.fill_trajectory(tr)
+    assert tr.turns[0].token_span is None and tr.turns[1].token_span is not None
+    assert sum(tr.action_mask) == len(g.token_ids)
+    from mmgym.agents.encoder import EpisodeEncoder
+
+    as_tool = EpisodeEncoder(tiny_policy.processor, tiny_policy.model.config, tool_result_role="tool")
+    assert "<|im_start|>user\n<tool_response>\n<|vision_start|>" in as_tool.render(conv)
+    fresh = Conversation(tools=conv.tools, messages=list(conv.messages[:3]))
+    st = as_tool.sync(fresh)
+    assert as_tool.tokenizer.decode(st.ids()).count("<tool_response>") == 1

@@ -105,8 +105,8 @@ def test_embedded_model_on_chain_of_focus_group_of_8(tiny_policy):
 def test_rollout_over_budget_drops_old_turns(tiny_policy):
     """A context too short for 3 turns: old turns are dropped and recorded, training works."""
     spy = Spy(tiny_policy)
-    settings = RolloutSettings(sampling=SamplingParams(temperature=1.0, max_new_tokens=16, seed=1), max_turns=3)
-    col = RolloutCollector("mmgym/ChainOfFocus-v0", num_tasks=1, group_size=3, settings=settings, env_kwargs={"max_invalid": 5})
+    settings = RolloutSettings(sampling=SamplingParams(temperature=1.0, max_new_tokens=8, seed=1), max_turns=3)
+    col = RolloutCollector("mmgym/ChainOfFocus-v0", num_tasks=1, group_size=2, settings=settings, env_kwargs={"max_invalid": 5})
     first = col.collect(spy, seeds=[3])  # probe lengths with the full context
     lengths = [len(t.token_ids) for t in first]
     old = tiny_policy.max_context

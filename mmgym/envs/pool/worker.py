@@ -165,6 +165,23 @@ class EnvHost:
                 pass
 
 
+def limit_threads(n: int) -> None:
+    """Cap the thread pools of OpenCV, OpenMP/BLAS and torch (if loaded) in this process."""
+    import os
+    import sys
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
 def worker_main(conn: Any, cmd_queue: Any, factories: dict[int, Callable[[], Any]], shm_name: str | None, slot_bytes: int, slot_of: dict[int, int]) -> None:
     """Process entry point: build the envs, say ``ready``, then serve ``cmd_queue`` until ``None``.
 
@@ -174,6 +191,7 @@ def worker_main(conn: Any, cmd_queue: Any, factories: dict[int, Callable[[], Any
     import os
 
     shm = None
+    limit_threads(1)  # one env worker per core: nested thread pools only oversubscribe the cores
     try:
         if shm_name is not None:
             from multiprocessing import shared_memory

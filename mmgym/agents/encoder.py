@@ -102,6 +102,7 @@ class EpisodeEncoder:
         if self.image_token_id is None:
             v = getattr(config, "image_token_id", None)
             self.image_token_id = int(v) if isinstance(v, int) else None
+        self.video_token_id = _token_id(self.tokenizer, getattr(processor, "video_token", None))
         self.merge_size = int(getattr(getattr(processor, "image_processor", None), "merge_size", 1) or 1)
         self.frame = ChatFrame(processor, tool_result_role)
 
@@ -200,7 +201,8 @@ class EpisodeEncoder:
         if self.image_token_id is not None and not images and self.image_token_id in ids:
             raise InputRejected(f"turn {turn}'s text holds image tokens but no image")
         return Segment(kind=kind, turn=turn, ids=ids, seq=seq, media=media, num_images=len(images),
-                       num_videos=len(videos), features=[None] * len(images), images=tuple(images))
+                       num_videos=len(videos), features=[None] * len(images), images=tuple(images),
+                       videos=tuple(videos))
 
     def _text_segment(self, kind: SegmentKind, turn: int, text: str) -> Segment:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import gymnasium as gym
+import numpy as np
 
 from mmgym.agents.chat import Conversation
 from mmgym.agents.policy import Generation, Policy, SamplingParams
@@ -87,6 +88,8 @@ class RolloutCollector:
         num_tasks: groups (distinct tasks) per ``collect`` call.
         group_size: episodes per task (G of GRPO).
         settings: see ``RolloutSettings``.
+        env_kwargs: keyword arguments for ``gymnasium.make`` when ``env_fn`` is an id.
+        seed: seeds the task draws of ``collect`` calls that give no ``seeds``.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class RolloutCollector:
         group_size: int = 8,
         settings: RolloutSettings | None = None,
         env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
     ):
         if num_tasks < 1 or group_size < 1:
             raise ValueError(f"num_tasks and group_size must be >= 1, got {num_tasks} and {group_size}")
@@ -107,6 +111,7 @@ class RolloutCollector:
         self.runners = [GroupRunner(env_fn=env_fn, size=group_size) for _ in range(num_tasks)]
         self.group_size = group_size
         self.stats: dict[str, float] = {}
+        self._rng = np.random.default_rng(seed)
 
     def collect(
         self,
@@ -117,9 +122,16 @@ class RolloutCollector:
         settings: RolloutSettings | None = None,
     ) -> list[Trajectory]:
         """Play one episode per env; return ``num_tasks * group_size`` trajectories,
-        group-major (``Trajectory.group`` = task index in this call)."""
+        group-major (``Trajectory.group`` = task index in this call).
+
+        Every env of a group is reset with the same seed (or ``task_index``), so the
+        group shares one task; without ``seeds``/``task_indices`` fresh seeds are drawn
+        from the collector's own generator.
+        """
         s = settings or self.settings
         n = len(self.runners)
+        if seeds is None and task_indices is None:
+            seeds = [int(x) for x in self._rng.integers(0, 2**31 - 1, size=n)]
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"got {len(seeds)} seeds for {n} tasks")
         if task_indices is not None and len(task_indices) != n:
@@ -136,6 +148,8 @@ class RolloutCollector:
                 conv = Conversation(system=system, tools=tools or None)
                 conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
                 traj = Trajectory(task_id=str(info.get("task_id", "")), group=g)
+                if seeds is not None:
+                    traj.info["seed"] = seeds[g]
                 slot = EpisodeSlot(group=g, index=i, env=runner.envs[i], conv=conv, traj=traj, obs=obs, info=dict(info))
                 conv.meta.update(env=slot.env, obs=obs, info=slot.info)
                 slots.append(slot)

@@ -56,7 +56,8 @@ class Segment:
     num_images: int = 0
     num_videos: int = 0
     features: list[Any] = field(default_factory=list)
-    images: tuple[Any, ...] = ()  # the raw images (uint8 HxWx3), for backends that process them
+    images: tuple[Any, ...] = ()  # raw images (uint8 HxWx3), for backends that process them
+    videos: tuple[Any, ...] = ()  # raw clips (uint8 TxHxWx3), likewise
     logprobs: list[float] = field(default_factory=list)
     context: frozenset[int] = frozenset()  # gen only: turns already dropped when it was sampled
     ended: bool = False  # gen only: the reply ended with an end-of-turn token

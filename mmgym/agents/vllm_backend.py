@@ -9,8 +9,10 @@ context as token ids with one image placeholder per image plus the raw images in
 Sampling maps ``SamplingParams`` to ``vllm.SamplingParams`` (``logprobs=0``: the
 sampled token's log-prob only). With vLLM's ``logprobs_mode="processed_logprobs"``
 (vLLM >= 0.10) the recorded log-probs are of the tempered distribution, as in
-``HFPolicy``; older vLLM returns raw (temperature-1) log-probs, and
+``HFPolicy`` (with ``top_p < 1`` vLLM may also renormalise over the nucleus; HF's are
+un-truncated); older vLLM returns raw (temperature-1) log-probs, and
 ``logprob_temperature`` says so, so the learner recomputes at the same temperature.
+Forbidden tokens (vision specials) get vLLM's strongest ``logit_bias`` (-100).
 
 Weights: ``load_weights(state_dict)`` / ``sync_from(hf_policy)`` push the learner's
 weights (LoRA merged) into the running engine and reset its prefix cache.
@@ -198,22 +200,29 @@ class VLLMPolicy:
 
     # ------------------------------------------------------------------ helpers
     def _prompt(self, state: TokenState) -> dict[str, Any]:
-        """Token ids with each image's placeholder run collapsed to one token (vLLM expands
-        it again with the model's processor), plus the raw images in order."""
-        image_id = self.encoder.image_token_id
+        """Token ids with each image's (clip's) placeholder run collapsed to one token (vLLM
+        expands it again with the model's processor), plus the raw media in order."""
+        collapse = {t for t in (self.encoder.image_token_id, self.encoder.video_token_id) if t is not None}
         ids: list[int] = []
         images: list[Any] = []
+        videos: list[Any] = []
         for seg in state.active():
             images.extend(seg.images)
+            videos.extend(seg.videos)
             for t in seg.ids:
-                if t == image_id and ids and ids[-1] == image_id:
+                if t in collapse and ids and ids[-1] == t:
                     continue
                 ids.append(t)
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        media: dict[str, Any] = {}
         if images:
             from PIL import Image
 
-            prompt["multi_modal_data"] = {"image": [Image.fromarray(im) for im in images]}
+            media["image"] = [Image.fromarray(im) for im in images]
+        if videos:
+            media["video"] = list(videos)
+        if media:
+            prompt["multi_modal_data"] = media
         return prompt
 
     def _params(self, sampling: SamplingParams, i: int) -> Any:

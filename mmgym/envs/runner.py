@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
 __all__ = ["GroupRunner", "StepResult"]
 
@@ -54,14 +55,15 @@ class GroupRunner:
     def reset(self, *, seed: int | None = None, task_index: int | None = None, options: dict | None = None) -> tuple[list[dict], list[dict]]:
         """Reset all envs to the same task.
 
-        With ``task_index`` every env gets that fixed task. Without it, env 0 draws from
-        ``seed`` and the others copy its task through their own ``task_index`` if the env
-        supports fixed tasks; otherwise all envs get the same seed (same task).
-        Each env still has its own RNG stream for anything sampled after reset.
+        With ``task_index`` every env gets that fixed task; otherwise every env is reset
+        with the same ``seed`` (one fresh random seed when ``seed`` is None), so the
+        group shares one task.
         """
         opts = dict(options or {})
         if task_index is not None:
             opts["task_index"] = task_index
+        elif seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
         results = [env.reset(seed=None if seed is None else seed, options=dict(opts)) for env in self.envs]
         self.active = set(range(len(self.envs)))
         return [r[0] for r in results], [r[1] for r in results]

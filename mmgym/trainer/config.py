@@ -30,7 +30,7 @@ class EnvSection:
     """Keyword arguments for ``gymnasium.make``."""
     eval_episodes: int = 200
     """Held-out evaluation tasks: ``task_index`` 0..eval_episodes-1, never drawn in training."""
-    eval_every: int = 10
+    eval_every: int = 20
     """Evaluate every this many RL iterations (0: only before and after RL)."""
 
     def __post_init__(self) -> None:
@@ -61,7 +61,7 @@ class RolloutSection:
     """Episodes per task (G of GRPO)."""
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     system_prompt: str | None = None
     tool_schemas: bool = False
     """Pass the env's tool schemas to the chat template; the default recipe turns this off

@@ -143,6 +143,8 @@ def test_scripted_policies_use_the_same_path():
     assert len(rand) == 4 and all(t.termination_reason for t in rand)
     batch = build_rollout_batch(oracle + rand, pad_id=0)
     assert batch.input_ids.shape[0] == 8 and batch.success[:4].all()
+    drawn = col.collect(ScriptedPolicy(lambda conv: "<answer>A</answer>"))  # no seeds: drawn per group
+    assert drawn[0].task_id == drawn[1].task_id != drawn[2].task_id == drawn[3].task_id
     col.close()
 
 

@@ -90,3 +90,49 @@ def test_weight_sync_changes_vllm_outputs_like_the_learner(gpu_pair):
     ref = learner.generate([Conversation(messages=list(c.messages)) for c in convs], greedy)
     got = sampler.generate(convs, greedy)
     assert [g.token_ids for g in got] == [g.token_ids for g in ref]
+
+
+def test_vllm_glue_on_cpu_with_a_fake_engine(tiny_policy):
+    """Prompt building, parameter mapping, output recording and weight loading, with
+    stand-ins for vLLM's objects (the real engine is tested on a GPU above)."""
+    from types import SimpleNamespace
+
+    from mmgym.agents.vllm_backend import VLLMPolicy
+
+    pol = VLLMPolicy.__new__(VLLMPolicy)
+    pol.encoder = tiny_policy.encoder
+    pol.learner = tiny_policy
+    pol.processed_logprobs = False
+    pol._bias = {i: -100.0 for i in pol.encoder.suppress_token_ids}
+    pol._vllm = SimpleNamespace(SamplingParams=lambda **kw: kw)
+    rng = np.random.default_rng(0)
+    (conv,) = _convs(1, rng)
+    state = pol.encoder.sync(conv)
+    prompt = pol._prompt(state)
+    image_id = pol.encoder.image_token_id
+    assert prompt["prompt_token_ids"].count(image_id) == 1 and state.ids().count(image_id) == 64
+    assert len(prompt["multi_modal_data"]["image"]) == 1
+    kw = pol._params(SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=5, stop=("</answer>",), seed=3), 2)
+    assert (kw["temperature"], kw["top_p"], kw["max_tokens"], kw["seed"], kw["logprobs"]) == (0.7, 0.9, 5, 5, 0)
+    assert kw["stop"] == ["</answer>"] and set(kw["logit_bias"]) == set(pol.encoder.suppress_token_ids)
+    assert pol.logprob_temperature(SamplingParams(temperature=0.7)) == 1.0  # raw log-probs from old vLLM
+    vocab = pol.encoder.tokenizer.get_vocab()
+    ids = [vocab["<answer>"], vocab["A"], vocab["</answer>"], vocab["<|im_end|>"]]
+    out = SimpleNamespace(token_ids=ids, finish_reason="stop",
+                          logprobs=[{t: SimpleNamespace(logprob=-0.5 * (k + 1))} for k, t in enumerate(ids)])
+    g = pol._record(state, out, SamplingParams())
+    assert g.text == "<answer>A</answer>" and g.token_ids == ids and g.logprobs == [-0.5, -1.0, -1.5, -2.0]
+    assert g.finish_reason == "stop" and state.pending is not None and state.pending.ended
+    conv.add_action(g.text)
+    conv.messages.append(Message("user", "next <image>", images=(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8),), turn=1))
+    state = pol.encoder.sync(conv)
+    assert [s.kind for s in state.segments] == ["prompt", "gen", "close", "obs"]
+    assert len(pol._prompt(state)["multi_modal_data"]["image"]) == 2
+
+    loaded, resets = [], []
+    model = SimpleNamespace(load_weights=lambda weights: loaded.extend(weights))
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
+    pol.llm = SimpleNamespace(llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker)),
+                              reset_prefix_cache=lambda: resets.append(1))
+    pol.sync()
+    assert {k for k, _ in loaded} == set(tiny_policy.model.state_dict()) and resets == [1]

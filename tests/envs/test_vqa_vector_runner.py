@@ -97,3 +97,9 @@ def test_cli_play_writes_pages(tmp_path) -> None:
     assert '"success": 1.0' in p.stdout
     bad = subprocess.run([sys.executable, "-m", "mmgym.cli", "play", "mmgym/Nope-v0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown env" in bad.stderr
+
+
+def test_group_runner_unseeded_reset_still_shares_one_task() -> None:
+    runner = GroupRunner(env_fn=lambda: gym.make("mmgym/ChainOfFocus-v0", canvas=(256, 320)), size=3)
+    _, infos = runner.reset()
+    assert len({i["task_id"] for i in infos}) == 1

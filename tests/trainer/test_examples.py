@@ -1,0 +1,27 @@
+"""Every example config loads (keys and types checked) and names a registered env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mmgym  # noqa: F401
+from mmgym.core import load_config
+from mmgym.envs.registration import ENV_IDS
+from mmgym.trainer import TrainConfig
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_config_loads(path: Path) -> None:
+    cfg = load_config(TrainConfig, path)
+    assert cfg.env.id in ENV_IDS
+
+
+def test_defaults_are_the_main_job_example() -> None:
+    from mmgym.core import to_dict
+
+    main = load_config(TrainConfig, Path(__file__).resolve().parents[2] / "examples" / "focus_grpo.yaml")
+    assert to_dict(main) == to_dict(TrainConfig())

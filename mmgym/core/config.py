@@ -178,7 +178,7 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, prefix: str = "") -> C:
             # a section given partially starts from this field's own default section
             default = _field_default(fields[name])
             if dataclasses.is_dataclass(default) and not isinstance(default, type):
-                value = _merge(to_dict(default), value)
+                value = _merge_section(default, value)
         kwargs[name] = _coerce(value, tp, prefix + name)
     try:
         return cls(**kwargs)
@@ -196,10 +196,16 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+def _merge_section(default: Any, update: Mapping[str, Any]) -> dict[str, Any]:
+    """``default`` (a dataclass instance) as a dict, updated by ``update``: nested sections
+    merge recursively; any other value (plain dicts included) is replaced whole."""
+    out = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+        cur = out.get(k)
+        if isinstance(v, Mapping) and dataclasses.is_dataclass(cur) and not isinstance(cur, type):
+            out[k] = _merge_section(cur, v)
+        else:
+            out[k] = v
     return out
 
 
@@ -230,5 +236,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         tree = loaded
-    tree = apply_overrides(tree, overrides)
-    return from_dict(cls, tree)
+    cfg = from_dict(cls, tree)
+    if not overrides:
+        return cfg
+    # overrides set single keys of the resolved config, so `env.kwargs.grid=6` keeps the
+    # other kwargs while a YAML `kwargs:` block replaces them whole
+    return from_dict(cls, apply_overrides(to_dict(cfg), overrides))

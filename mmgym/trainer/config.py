@@ -26,12 +26,19 @@ def _default_env_kwargs() -> dict[str, Any]:
 class EnvSection:
     id: str = "mmgym/ChainOfFocus-v0"
     """Registered environment id."""
-    kwargs: dict[str, Any] = field(default_factory=_default_env_kwargs)
-    """Keyword arguments for ``gymnasium.make``."""
+    kwargs: dict[str, Any] | None = None
+    """Keyword arguments for ``gymnasium.make``; None: the default recipe's kwargs for
+    ``mmgym/ChainOfFocus-v0`` (region zoom, see ``_default_env_kwargs``), none for other ids."""
     eval_episodes: int = 200
     """Held-out evaluation tasks: ``task_index`` 0..eval_episodes-1, never drawn in training."""
     eval_every: int = 20
     """Evaluate every this many RL iterations (0: only before and after RL)."""
+
+    @property
+    def make_kwargs(self) -> dict[str, Any]:
+        if self.kwargs is not None:
+            return dict(self.kwargs)
+        return _default_env_kwargs() if self.id == "mmgym/ChainOfFocus-v0" else {}
 
     def __post_init__(self) -> None:
         if self.eval_episodes < 1:

@@ -70,7 +70,7 @@ class Trainer:
             self._restore(ckpt)
         elif not cfg.sft.enabled:
             self.state.phase = "rl"
-        self.env_kwargs = dict(cfg.env.kwargs)
+        self.env_kwargs = cfg.env.make_kwargs
 
     # ------------------------------------------------------------------ setup
     @staticmethod

@@ -100,3 +100,22 @@ def test_config_missing_file_and_bad_yaml(tmp_path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(Cfg, bad)
+
+
+@dataclass(frozen=True)
+class Outer:
+    algo: Algo = field(default_factory=lambda: Algo(clip_high=0.5, name="rloo"))
+    extra: dict = field(default_factory=lambda: {"a": 1, "b": {"c": 2}})
+
+
+def test_partial_section_keeps_the_parent_default() -> None:
+    cfg = load_config(Outer, overrides=["algo.groups=[2]", "extra.b.d=3"])  # overrides merge into dicts
+    assert cfg.algo == Algo(clip_high=0.5, name="rloo", groups=(2,))  # not Algo()'s own defaults
+    assert cfg.extra == {"a": 1, "b": {"c": 2, "d": 3}}
+
+
+def test_yaml_dict_block_replaces_the_default_dict(tmp_path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("extra: {z: 9}\nalgo: {groups: [3]}\n")
+    cfg = load_config(Outer, y)
+    assert cfg.extra == {"z": 9} and cfg.algo == Algo(clip_high=0.5, name="rloo", groups=(3,))

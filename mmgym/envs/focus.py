@@ -113,6 +113,8 @@ class ChainOfFocusEnv(MMEnv):
         question_types: which question kinds to draw.
         zoom_reward: weight of the turn-level ``zoom`` term: paid once per target for the
             first crop that contains that target's centre (0 disables it).
+        answer_format: what the prompt asks for, ``"letter"`` (V*) or the option ``"text"``;
+            either is accepted when verifying.
     """
 
     description = "V*-style visual search: the answer is readable only after zooming into a large image."
@@ -131,11 +133,15 @@ class ChainOfFocusEnv(MMEnv):
         clutter: int = 120,
         question_types: tuple[str, ...] = ("attribute", "relative"),
         zoom_reward: float = 0.0,
+        answer_format: Literal["letter", "text"] = "letter",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_turns: int = 4,
         rubric: str = "chain_of_focus",
         **kwargs: Any,
     ):
+        if answer_format not in ("letter", "text"):
+            raise ValueError(f"answer_format must be 'letter' or 'text', got {answer_format!r}")
+        self.answer_format = answer_format
         if zoom not in ("bbox", "region"):
             raise ValueError(f"zoom must be 'bbox' or 'region', got {zoom!r}")
         bad = set(question_types) - {"attribute", "relative"}
@@ -246,7 +252,8 @@ class ChainOfFocusEnv(MMEnv):
         else:
             how = f"zoom(bbox=[x1, y1, x2, y2]) in pixels of the {w}x{h} original"
         opt_text = " ".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-        prompt = f"<image>\n{question}\nOptions: {opt_text}\nThe image is shown downscaled; {how}, then reply <answer>letter</answer>."
+        reply = "<answer>letter</answer>" if self.answer_format == "letter" else "<answer>option</answer>"
+        prompt = f"<image>\n{question}\nOptions: {opt_text}\nThe image is shown downscaled; {how}, then reply {reply}."
         return FocusTask(
             task_id=task_id, prompt=prompt, images=(view,), image=img, options=options, correct=correct,
             boxes=boxes, qtype=qtype, question=question, source_path=source,
@@ -321,7 +328,7 @@ class ChainOfFocusEnv(MMEnv):
                 args = {"bbox": [int(x), int(y), int(x + s), int(y + s)]}
             return self.parser.format_call(ToolCall("zoom", args))
         if not wants_zoom and self._turn > 0 and not seen:
-            return self.parser.format_answer(LETTERS[int(rng.integers(len(self.task.options)))])
+            return self._format_option(int(rng.integers(len(self.task.options))))
         return self.oracle_action()
 
     def oracle_action(self) -> str:
@@ -330,4 +337,7 @@ class ChainOfFocusEnv(MMEnv):
             if not (seen >> k) & 1 and self._turn < self.max_turns - 1:
                 args = {"region": self.oracle_region(k)} if self.zoom_mode == "region" else {"bbox": self.oracle_box(k)}
                 return self.parser.format_call(ToolCall("zoom", args))
-        return self.parser.format_answer(LETTERS[self.task.correct])
+        return self._format_option(self.task.correct)
+
+    def _format_option(self, i: int) -> str:
+        return self.parser.format_answer(LETTERS[i] if self.answer_format == "letter" else self.task.options[i])

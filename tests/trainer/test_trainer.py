@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 TINY = [
-    "model.path=embedded:base", "sft.enabled=true", "sft.demonstrations=8", "sft.steps=3", "sft.batch_size=4", "iterations=2", "rollout.tasks_per_iter=2",
-    "rollout.group_size=2", "rollout.max_new_tokens=24", "env.eval_episodes=4", "env.eval_every=1", "checkpoint_every=1",
+    "model.path=embedded:focus_warm", "sft.enabled=true", "rollout.group_size=4", "sft.demonstrations=8", "sft.steps=3", "sft.batch_size=4", "iterations=2", "rollout.tasks_per_iter=2",
+    "rollout.max_new_tokens=24", "env.eval_episodes=4", "env.eval_every=1", "checkpoint_every=1",
     "sample_episodes=2", "algo.minibatch_size=4",
 ]
 

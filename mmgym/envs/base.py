@@ -277,10 +277,7 @@ class MMEnv(gym.Env[dict, str]):
         if len(calls) > len(run):
             texts.append(f"Only {self.max_calls_per_turn} tool call(s) per turn are run; {len(calls) - len(run)} ignored.")
         terms = self.turn_terms(run, results)
-        text = "\n".join(texts)
-        # Keep the placeholder invariant even when a tool's text omits its own placeholders.
-        text = self._fix_placeholders(text, len(images))
-        return (text, tuple(images), tuple(frames), tuple(times), SOURCE_TOOL), terms
+        return ("\n".join(texts), tuple(images), tuple(frames), tuple(times), SOURCE_TOOL), terms
 
     @staticmethod
     def _fix_placeholders(text: str, n_images: int) -> str:
@@ -306,9 +303,10 @@ class MMEnv(gym.Env[dict, str]):
         return self.rubric.score(ctx)
 
     def _obs(self, text: str, images: tuple, frames: tuple, frame_times: tuple, source: int) -> dict[str, Any]:
-        # User-provided text must not forge image placeholders beyond the images we send.
-        text = text[:MAX_TEXT]
+        # One <image> per image, whatever the text holds: model-written names quoted in
+        # feedback must not forge placeholders, and a tool may omit its own.
         images = tuple(np.ascontiguousarray(i, dtype=np.uint8) for i in images)
+        text = self._fix_placeholders(text[: MAX_TEXT - 8 * len(images)], len(images))
         if images:
             self._last_images = images
         return {

@@ -266,6 +266,7 @@ class ChainOfFocusEnv(MMEnv):
         return [BBoxZoomTool(self.zoom_preset, max_side=self.zoom_size)]
 
     def tool_state(self, task: FocusTask) -> ZoomState:
+        self._seen: set[int] = set()  # targets some zoom has shown this episode
         return ZoomState(image=task.image)
 
     def _hits(self, box: tuple[int, int, int, int]) -> list[int]:
@@ -279,14 +280,9 @@ class ChainOfFocusEnv(MMEnv):
         crops = self._state.crops[-len(ok):]
         best = max(bbox_iou(c, b) for c in crops for b in self.task.boxes)
         self._metrics["crop_iou"] = max(self._metrics.get("crop_iou", 0.0), best)
-        seen = self._metrics.setdefault("_targets_seen", 0.0)
-        newly = set()
-        for c in crops:
-            newly.update(k for k in self._hits(c) if not (int(seen) >> k) & 1)
-        for k in newly:
-            seen = float(int(seen) | (1 << k))
-        self._metrics["_targets_seen"] = seen
-        self._metrics["zoom_hit"] = float(bin(int(seen)).count("1")) / len(self.task.boxes)
+        newly = {k for c in crops for k in self._hits(c)} - self._seen
+        self._seen |= newly
+        self._metrics["zoom_hit"] = len(self._seen) / len(self.task.boxes)
         if self.zoom_reward <= 0:
             return {}
         return {"zoom": self.zoom_reward * len(newly) / len(self.task.boxes)}
@@ -316,8 +312,7 @@ class ChainOfFocusEnv(MMEnv):
         Noisy demonstrations teach reading but not localisation (REFERENCES: the prototype's
         50 %-random-zoom demonstrations); after a zoom that missed, the answer is a guess.
         """
-        seen = int(self._metrics.get("_targets_seen", 0.0))
-        wants_zoom = any(not (seen >> k) & 1 for k in range(len(self.task.boxes))) and self._turn < self.max_turns - 1
+        wants_zoom = len(self._seen) < len(self.task.boxes) and self._turn < self.max_turns - 1
         if wants_zoom and rng.random() < zoom_noise:
             h, w = self.task.image.shape[:2]
             if self.zoom_mode == "region":
@@ -327,14 +322,13 @@ class ChainOfFocusEnv(MMEnv):
                 x, y = float(rng.uniform(0, w - s)), float(rng.uniform(0, h - s))
                 args = {"bbox": [int(x), int(y), int(x + s), int(y + s)]}
             return self.parser.format_call(ToolCall("zoom", args))
-        if not wants_zoom and self._turn > 0 and not seen:
+        if not wants_zoom and self._turn > 0 and not self._seen:
             return self._format_option(int(rng.integers(len(self.task.options))))
         return self.oracle_action()
 
     def oracle_action(self) -> str:
-        seen = int(self._metrics.get("_targets_seen", 0.0))
         for k in range(len(self.task.boxes)):
-            if not (seen >> k) & 1 and self._turn < self.max_turns - 1:
+            if k not in self._seen and self._turn < self.max_turns - 1:
                 args = {"region": self.oracle_region(k)} if self.zoom_mode == "region" else {"bbox": self.oracle_box(k)}
                 return self.parser.format_call(ToolCall("zoom", args))
         return self._format_option(self.task.correct)

@@ -229,8 +229,8 @@ class Trainer:
                 loss = aggregate(per_tok, mask, algo.loss.agg_mode, norm_length=algo.loss.norm_length)
                 if self._apply(loss):
                     for k, v in m.items():
-                        stats.setdefault(k, []).append(float(v))
-                    stats.setdefault("loss", []).append(float(loss))
+                        stats.setdefault(k, []).append(float(v.detach()) if isinstance(v, torch.Tensor) else float(v))
+                    stats.setdefault("loss", []).append(float(loss.detach()))
         self.policy.eval()
         return {k: float(np.mean(v)) for k, v in stats.items()}
 

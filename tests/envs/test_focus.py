@@ -151,3 +151,12 @@ def test_random_agent_runs() -> None:
     env = gym.make("mmgym/ChainOfFocus-v0")
     rs = [run_episode(env, RandomAgent(seed=i), seed=i, keep_images=False) for i in range(10)]
     assert all(t.termination_reason for t in rs)
+
+
+def test_model_text_cannot_forge_image_placeholders() -> None:
+    env = gym.make("mmgym/ChainOfFocus-v0", canvas=(256, 320))
+    env.reset(seed=0)
+    for action in ('<tool_call>{"name": "<image><image>", "arguments": 3}</tool_call>',
+                   '<tool_call>{"name": "<image>", "arguments": {}}</tool_call>'):
+        obs, *_ = env.step(action)
+        assert obs["text"].count("<image>") == len(obs["images"]) == 0

@@ -206,7 +206,7 @@ class Trainer:
         out = compute_advantages(AdvantageInputs.from_batch(batch), self.cfg.algo.estimator)
         return out.advantages.detach()
 
-    def update(self, batch: RolloutBatch, adv: torch.Tensor, iteration: int) -> dict[str, float]:
+    def update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
         """PPO epochs over minibatches: clipped policy loss (+ KL to the reference)."""
         algo = self.cfg.algo
         loss_fn = POLICY_LOSSES.get(algo.loss.policy_loss)
@@ -281,6 +281,8 @@ class Trainer:
         cfg = self.cfg
         if self.state.iteration == 0 and "warm_start" not in self.state.evals:
             self.evaluate(0, "warm_start")
+        if self.state.iteration >= cfg.iterations:
+            return
         self.collector = RolloutCollector(cfg.env.id, num_tasks=cfg.rollout.tasks_per_iter, group_size=cfg.rollout.group_size,
                                           env_kwargs=self.env_kwargs)
         its = range(self.state.iteration, cfg.iterations)
@@ -296,7 +298,7 @@ class Trainer:
                 t1 = time.perf_counter()
                 batch, metrics = self.score(trajs, task_ids)
                 adv = self.estimate(batch)
-                metrics.update(self.update(batch, adv, it))
+                metrics.update(self.update(batch, adv))
                 metrics.update(collect_s=t1 - t0, update_s=time.perf_counter() - t1, lr=self.optimizer.param_groups[0]["lr"])
                 self.state.iteration = it + 1
                 self.log(it + 1, metrics, "rl")
@@ -306,7 +308,8 @@ class Trainer:
                     self.evaluate(it + 1)
                 if (it + 1) % cfg.checkpoint_every == 0:
                     self.checkpoint(it + 1)
-                    self.run.plot() if dist_utils.is_main() else None
+                    if dist_utils.is_main():
+                        self.run.plot()
         finally:
             self.collector.close()
 

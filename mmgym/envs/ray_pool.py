@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mmgym.envs.pool.base import BasePool, EnvPoolError, OnError, _Request
+from mmgym.envs.pool.base import BasePool, OnError, _Request
 from mmgym.envs.pool.process import resolve_factories, split_envs
 from mmgym.envs.pool.worker import EnvHost
 
@@ -99,23 +99,10 @@ class RayEnvPool(BasePool):
         try:
             for w in range(n):
                 self._start(w)
-            self._wait_all_ready()
+            self._wait_all_ready(what="Ray actors", hint=f"; does the cluster have free CPUs for actor_options={self._opts}?")
         except BaseException:
             self.close()
             raise
-
-    def _wait_all_ready(self) -> None:
-        import time
-
-        end = time.monotonic() + self.start_timeout_s
-        while not all(self._ready_w):
-            left = end - time.monotonic()
-            if left <= 0:
-                raise EnvPoolError(f"Ray actors {[w for w, r in enumerate(self._ready_w) if not r]} did not start within start_timeout_s={self.start_timeout_s}; does the cluster have free CPUs for actor_options={self._opts}?")
-            for w, req, status, value in self._recv(min(left, 1.0)):
-                if status in ("fatal", "dead"):
-                    raise EnvPoolError(f"Ray actor {w} could not build its envs:\n{value}")
-                self._on_message(w, req, status, value)
 
     # ------------------------------------------------------------ transport
     def _start(self, w: int) -> None:

@@ -135,6 +135,19 @@ class BasePool:
     def _send(self, w: int, req: _Request) -> None:
         raise NotImplementedError
 
+    def _wait_all_ready(self, *, what: str = "workers", hint: str = "") -> None:
+        """Block until every worker has built its envs (bounded by ``start_timeout_s``)."""
+        end = time.monotonic() + self.start_timeout_s
+        while not all(self._ready_w):
+            left = end - time.monotonic()
+            if left <= 0:
+                late = [w for w, r in enumerate(self._ready_w) if not r]
+                raise EnvPoolError(f"{what} {late} did not build their envs within start_timeout_s={self.start_timeout_s}{hint}")
+            for w, req, status, value in self._recv(min(left, 1.0)):
+                if status in ("fatal", "dead"):
+                    raise EnvPoolError(f"{what} {w} could not build its envs:\n{value}")
+                self._on_message(w, req, status, value)
+
     def _recv(self, timeout: float) -> list[tuple[int, int | None, str, Any]]:
         """Replies ``(worker, req_id, status, value)``; status ok | raise | ready | fatal | dead."""
         raise NotImplementedError

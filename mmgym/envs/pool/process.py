@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing import connection, shared_memory
 from typing import Any, Literal
 
-from mmgym.envs.pool.base import BasePool, EnvPoolError, OnError, _Request
+from mmgym.envs.pool.base import BasePool, OnError, _Request
 from mmgym.envs.pool.worker import decode_obs, env_factory, worker_main
 
 __all__ = ["ProcessEnvPool", "EnvPool", "split_envs", "resolve_factories"]
@@ -114,17 +114,6 @@ class ProcessEnvPool(BasePool):
         except BaseException:
             self.close()
             raise
-
-    def _wait_all_ready(self) -> None:
-        end = time.monotonic() + self.start_timeout_s
-        while not all(self._ready_w):
-            left = end - time.monotonic()
-            if left <= 0:
-                raise EnvPoolError(f"workers {[w for w, r in enumerate(self._ready_w) if not r]} did not build their envs within start_timeout_s={self.start_timeout_s}")
-            for w, _req, status, value in self._recv(min(left, 1.0)):
-                if status in ("fatal", "dead"):
-                    raise EnvPoolError(f"worker {w} could not build its envs:\n{value}")
-                self._on_message(w, _req, status, value)
 
     # ------------------------------------------------------------ transport
     def _start(self, w: int) -> None:

@@ -123,6 +123,11 @@ class AlgoSection:
         if self.estimator.estimator in ("gae", "bilevel_gae"):
             raise ValueError(f"algo.estimator.estimator={self.estimator.estimator!r} needs a critic, which this trainer "
                              "does not build yet; use grpo, dr_grpo, rloo, reinforce_pp, gigpo or mt_grpo")
+        needs = {"prime": "a process reward model and its optimizer", "matchtir": "gold tool calls per task",
+                 "durian_grpo": "a per-sample difficulty", "igpo": "teacher-forced answer log-probs per turn"}
+        if self.estimator.estimator in needs:
+            raise ValueError(f"algo.estimator.estimator={self.estimator.estimator!r} needs {needs[self.estimator.estimator]}, "
+                             "which this trainer does not compute yet; its math is in mmgym.algos for your own loop")
         if self.loss.entropy_coef != 0.0:
             raise ValueError("algo.loss.entropy_coef must be 0: the HF backend returns sampled-token log-probs only")
 

@@ -96,9 +96,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     src = model_dir(args.checkpoint)
     if not src.is_dir():
         raise ConfigError(f"{args.checkpoint!r} is not a run folder, checkpoint or model folder")
+    env_id, env_kwargs, tool_schemas = args.env or "mmgym/ChainOfFocus-v0", _kv(args.env_kwargs), True
+    run_cfg = Path(args.checkpoint) / "config.yaml"
+    if run_cfg.is_file():  # a run folder: evaluate on its own env unless told otherwise
+        from mmgym.core import from_dict
+        from mmgym.trainer.config import TrainConfig
+        from mmgym.trainer.run_dir import RunDir
+
+        cfg = from_dict(TrainConfig, RunDir.open_for_resume(Path(args.checkpoint)).config_tree())
+        if args.env is None:
+            env_id = cfg.env.id
+            env_kwargs = {**cfg.env.make_kwargs, **env_kwargs}
+        tool_schemas = cfg.rollout.tool_schemas
     policy = HFPolicy(src)
-    metrics, _ = evaluate(policy, args.env, _kv(args.env_kwargs), episodes=args.episodes, max_new_tokens=args.max_new_tokens,
-                          pages_dir=Path(args.out) if args.out else None, pages=args.pages if args.out else 0, progress=True)
+    metrics, _ = evaluate(policy, env_id, env_kwargs, episodes=args.episodes, max_new_tokens=args.max_new_tokens,
+                          tool_schemas=tool_schemas, pages_dir=Path(args.out) if args.out else None,
+                          pages=args.pages if args.out else 0, progress=True)
     print(json.dumps(metrics, indent=2))
     width = max(len(k) for k in metrics)
     for k, v in metrics.items():
@@ -140,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.set_defaults(fn=_cmd_train if name == "train" else (lambda a: _cmd_train(a, sft_only=True)))
     ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint on held-out tasks")
     ev.add_argument("checkpoint", help="run folder, checkpoint folder or model folder")
-    ev.add_argument("--env", default="mmgym/ChainOfFocus-v0")
+    ev.add_argument("--env", default=None, help="env id (default: the run's env, else mmgym/ChainOfFocus-v0)")
     ev.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
     ev.add_argument("--episodes", type=int, default=200)
     ev.add_argument("--max-new-tokens", type=int, default=40)

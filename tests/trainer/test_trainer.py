@@ -49,9 +49,11 @@ def test_train_smoke_writes_the_run_folder(tmp_path: Path) -> None:
     summary = json.loads(p.stdout[: p.stdout.rindex("}") + 1])
     assert summary["run_dir"] == str(run) and "warm_start" in summary
     # the saved checkpoint is a plain transformers folder: mmgym eval loads it
-    e = _mmgym("eval", str(run), "--episodes", "2", "--env-kwargs", "zoom=region", "max_turns=2")
+    e = _mmgym("eval", str(run), "--episodes", "2", "--env-kwargs", "max_turns=3")
     assert e.returncode == 0, e.stderr[-2000:]
     assert '"success"' in e.stdout
+    e = _mmgym("eval", str(cks[-1] / "model"), "--episodes", "2", "--env", "mmgym/VQA-v0")
+    assert e.returncode == 0 and '"success"' in e.stdout, e.stderr[-2000:]
 
 
 def test_existing_run_folder_is_refused(tmp_path: Path) -> None:

@@ -70,11 +70,9 @@ def _cmd_train(args: argparse.Namespace, *, sft_only: bool = False) -> int:
     if args.resume and (args.config or args.overrides):
         raise ConfigError("--resume continues a run with its saved config; drop the config file and overrides")
     if args.resume:
-        from mmgym.core import from_dict
-        from mmgym.trainer.config import TrainConfig
         from mmgym.trainer.run_dir import RunDir
 
-        cfg = from_dict(TrainConfig, RunDir.open_for_resume(args.resume).config_tree())
+        cfg = RunDir.open_for_resume(args.resume).train_config()
     else:
         cfg = _load_train_config(args, ["iterations=0"] if sft_only else [])
     try:
@@ -99,11 +97,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     env_id, env_kwargs, tool_schemas = args.env or "mmgym/ChainOfFocus-v0", _kv(args.env_kwargs), True
     run_cfg = Path(args.checkpoint) / "config.yaml"
     if run_cfg.is_file():  # a run folder: evaluate on its own env unless told otherwise
-        from mmgym.core import from_dict
-        from mmgym.trainer.config import TrainConfig
         from mmgym.trainer.run_dir import RunDir
 
-        cfg = from_dict(TrainConfig, RunDir.open_for_resume(Path(args.checkpoint)).config_tree())
+        cfg = RunDir.open_for_resume(Path(args.checkpoint)).train_config()
         if args.env is None:
             env_id = cfg.env.id
             env_kwargs = {**cfg.env.make_kwargs, **env_kwargs}

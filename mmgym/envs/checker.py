@@ -15,6 +15,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.utils.env_checker import data_equivalence
 
+from mmgym.core import UnicodeText
+
 __all__ = ["check_mm_env", "check_observation", "FUZZ_ACTIONS", "MMEnvCheckError"]
 
 OBS_KEYS = ("text", "images", "frames", "frame_times", "source", "turn")
@@ -42,7 +44,7 @@ FUZZ_ACTIONS: tuple[str, ...] = (
     "<tool_call><tool_call>{}</tool_call></tool_call>",
     "<answer><answer>B</answer></answer>",
     "<think>hmm</think><answer>B</answer>",
-    "中文 🙂 \u0000 \ud800" if False else "中文 🙂 \u0000",
+    "中文 🙂 \u0000",
     "<image><image><video>",
     '<tool_call>{"name": "zoom", "arguments": {"bbox": [0, 0, 10, 10]}}</tool_call><answer>A</answer>',
     "[" * 2000,
@@ -113,13 +115,12 @@ def _jsonable(info: dict) -> str:
 
 
 def _fuzz_actions(env: gym.Env, rng: np.random.Generator, n: int) -> list[Any]:
-    if not isinstance(env.action_space, gym.spaces.Space) or type(env.action_space).__name__ != "UnicodeText":
-        env.action_space.seed(int(rng.integers(2**31)))
-        return [env.action_space.sample() for _ in range(n)]
-    out = list(FUZZ_ACTIONS)
+    """The fixed malformed replies plus random ``UnicodeText`` samples (at least ``n`` in all);
+    for a non-text action space, ``n`` samples of that space."""
     env.action_space.seed(int(rng.integers(2**31)))
-    out += [env.action_space.sample() for _ in range(max(0, n - len(out)))]
-    return out[:n] if n < len(out) else out
+    if not isinstance(env.action_space, UnicodeText):
+        return [env.action_space.sample() for _ in range(n)]
+    return list(FUZZ_ACTIONS) + [env.action_space.sample() for _ in range(max(0, n - len(FUZZ_ACTIONS)))]
 
 
 def check_mm_env(env: gym.Env, *, seed: int = 0, fuzz_steps: int = 40, oracle_steps: int = 20) -> None:

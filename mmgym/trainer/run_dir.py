@@ -90,6 +90,13 @@ class RunDir:
     def config_tree(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")) or {}
 
+    def train_config(self) -> Any:
+        """The run's resolved ``TrainConfig`` (what ``--resume`` and ``mmgym eval`` reuse)."""
+        from mmgym.core import from_dict
+        from mmgym.trainer.config import TrainConfig
+
+        return from_dict(TrainConfig, self.config_tree())
+
     # ------------------------------------------------------------------ metrics
     def log_metrics(self, step: int, metrics: dict[str, float], *, phase: str) -> None:
         """Append one JSON line (fsynced) and write TensorBoard scalars."""

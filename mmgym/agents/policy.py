@@ -121,6 +121,11 @@ class ScriptedPolicy:
                     f"{getattr(agent, 'name', type(agent).__name__)} acts on the env: run it through "
                     "RolloutCollector, which puts env/obs/info in Conversation.meta"
                 ) from e
+            if env is None:
+                raise ValueError(
+                    f"{getattr(agent, 'name', type(agent).__name__)} acts on the env object, but the envs run in a "
+                    "worker pool (Conversation.meta['env'] is None): use RolloutCollector(..., backend='local')"
+                )
             return agent.act(env, obs, info)
 
         return cls(act, name=str(getattr(agent, "name", type(agent).__name__)))

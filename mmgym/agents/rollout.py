@@ -8,6 +8,13 @@ rewards, reward terms, tool calls and ``state_key`` (GiGPO anchor states), and f
 model policies the exact token sequence with action mask and sampler log-probs
 (``mmgym.agents.tokens``), ready for ``build_rollout_batch``.
 
+With ``backend="process"`` (or ``"ray"``) the envs live in an env worker pool
+(``mmgym.envs.pool``): each turn's actions are submitted as soon as the policy call returns
+and the results gathered as they arrive, so env steps of different episodes overlap in
+the workers. An env that fails (raises, hangs past ``step_timeout_s``, crashes its worker)
+ends only its own episode, with ``termination_reason="env_error"``,
+``Trajectory.error`` and ``Trajectory.info["env_error"]`` (the fault kind) set.
+
 >>> import gymnasium as gym, mmgym
 >>> from mmgym.agents import RolloutCollector, ScriptedPolicy
 >>> col = RolloutCollector(lambda: gym.make("mmgym/ChainOfFocus-v0"), num_tasks=1, group_size=2)
@@ -30,9 +37,10 @@ from mmgym.agents.chat import Conversation
 from mmgym.agents.policy import Generation, Policy, SamplingParams
 from mmgym.agents.tokens import TEMPERATURE_KEY, TokenState
 from mmgym.core import ToolCall, Trajectory, Turn
+from mmgym.envs.pool import BACKENDS, BasePool, PoolResult, error_observation, make_pool
 from mmgym.envs.runner import GroupRunner
 
-__all__ = ["RolloutSettings", "RolloutCollector", "EpisodeSlot", "collect_rollouts"]
+__all__ = ["RolloutSettings", "RolloutCollector", "EpisodeSlot", "collect_rollouts", "play", "play_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,17 +74,22 @@ class RolloutSettings:
 
 @dataclass(slots=True)
 class EpisodeSlot:
-    """One running episode: its env (inside a group), conversation and record."""
+    """One running episode: its env (inside a group), conversation and record.
+
+    ``env`` is the in-process env (``None`` when it lives in a worker pool; ``env_index``
+    is then its index in the pool).
+    """
 
     group: int
     index: int  # env index inside its group
-    env: gym.Env
+    env: gym.Env | None
     conv: Conversation
     traj: Trajectory
     obs: dict[str, Any]
     info: dict[str, Any]
     turn: int = 0
     done: bool = False
+    env_index: int | None = None
 
 
 class RolloutCollector:
@@ -84,34 +97,64 @@ class RolloutCollector:
 
     Args:
         env_fn: builds one env (e.g. ``lambda: gym.make("mmgym/ChainOfFocus-v0")``), or
-            an env id string for ``gymnasium.make``.
+            an env id string for ``gymnasium.make`` (required with a pool backend).
         num_tasks: groups (distinct tasks) per ``collect`` call.
         group_size: episodes per task (G of GRPO).
         settings: see ``RolloutSettings``.
         env_kwargs: keyword arguments for ``gymnasium.make`` when ``env_fn`` is an id.
         seed: seeds the task draws of ``collect`` calls that give no ``seeds``.
+        backend: ``"local"`` (default): the envs live in this process (``GroupRunner``s);
+            ``"process"`` or ``"ray"``: one env worker pool of ``num_tasks * group_size``
+            envs (``mmgym.envs.pool.make_pool``). Scripted agents that read the env object
+            (``conv.meta["env"]``, e.g. the oracle) need ``"local"``: with a pool it is None.
+        pool_kwargs: keyword arguments for ``make_pool`` (``num_workers``,
+            ``step_timeout_s``, ``on_error``, ``address`` for Ray, ...).
+        pool: an already built pool of ``num_tasks * group_size`` envs to play on instead
+            (e.g. envs from custom factories); the collector closes it in ``close``.
     """
 
     def __init__(
         self,
-        env_fn: Callable[[], gym.Env] | str,
+        env_fn: Callable[[], gym.Env] | str | None,
         *,
         num_tasks: int = 1,
         group_size: int = 8,
         settings: RolloutSettings | None = None,
         env_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        backend: str = "local",
+        pool_kwargs: dict[str, Any] | None = None,
+        pool: BasePool | None = None,
     ):
         if num_tasks < 1 or group_size < 1:
             raise ValueError(f"num_tasks and group_size must be >= 1, got {num_tasks} and {group_size}")
-        if isinstance(env_fn, str):
-            env_id, kw = env_fn, dict(env_kwargs or {})
-            env_fn = lambda: gym.make(env_id, **kw)  # noqa: E731
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown rollout backend {backend!r}; known: {', '.join(BACKENDS)}")
         self.settings = settings or RolloutSettings()
-        self.runners = [GroupRunner(env_fn=env_fn, size=group_size) for _ in range(num_tasks)]
         self.group_size = group_size
+        self.num_tasks = num_tasks
         self.stats: dict[str, float] = {}
         self._rng = np.random.default_rng(seed)
+        self.runners: list[GroupRunner] = []
+        self.pool: BasePool | None = None
+        n = num_tasks * group_size
+        if pool is not None:
+            if len(pool) != n:
+                raise ValueError(f"the pool has {len(pool)} envs; num_tasks * group_size = {num_tasks} * {group_size} = {n} are needed")
+            self.pool = pool
+        elif backend != "local":
+            if not isinstance(env_fn, str):
+                raise ValueError(f"backend={backend!r} builds its envs in worker processes from an env id: give env_fn "
+                                 f"as a registered id string (e.g. 'mmgym/ChainOfFocus-v0') plus env_kwargs, not "
+                                 f"{type(env_fn).__name__}; or build the pool yourself and pass pool=")
+            self.pool = make_pool(backend, env_fn, n, env_kwargs=dict(env_kwargs or {}), **dict(pool_kwargs or {}))
+        else:
+            if env_fn is None:
+                raise ValueError("RolloutCollector needs env_fn (an env factory or id), or pool=")
+            if isinstance(env_fn, str):
+                env_id, kw = env_fn, dict(env_kwargs or {})
+                env_fn = lambda: gym.make(env_id, **kw)  # noqa: E731
+            self.runners = [GroupRunner(env_fn=env_fn, size=group_size) for _ in range(num_tasks)]
 
     def collect(
         self,
@@ -129,13 +172,15 @@ class RolloutCollector:
         from the collector's own generator.
         """
         s = settings or self.settings
-        n = len(self.runners)
+        n = self.num_tasks
         if seeds is None and task_indices is None:
             seeds = [int(x) for x in self._rng.integers(0, 2**31 - 1, size=n)]
         if seeds is not None and len(seeds) != n:
             raise ValueError(f"got {len(seeds)} seeds for {n} tasks")
         if task_indices is not None and len(task_indices) != n:
             raise ValueError(f"got {len(task_indices)} task indices for {n} tasks")
+        if self.pool is not None:
+            return self._collect_pool(policy, seeds, task_indices, s)
         slots: list[EpisodeSlot] = []
         for g, runner in enumerate(self.runners):
             obs_list, infos = runner.reset(
@@ -155,9 +200,49 @@ class RolloutCollector:
                 slots.append(slot)
         return play(policy, slots, self.runners, s, stats=self.stats)
 
+    def _collect_pool(self, policy: Policy, seeds: Sequence[int | None] | None, task_indices: Sequence[int] | None,
+                      s: RolloutSettings) -> list[Trajectory]:
+        """``collect`` on the pool: reset every env of a group to one task, then ``play_pool``."""
+        pool, G = self.pool, self.group_size
+        assert pool is not None
+        _drain(pool)  # requests left in flight by an interrupted call
+        for g in range(self.num_tasks):
+            seed = None if seeds is None else seeds[g]
+            task_index = None if task_indices is None else task_indices[g]
+            if task_index is None and seed is None:  # as GroupRunner.reset: one fresh seed per group
+                seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+            options = None if task_index is None else {"task_index": task_index}
+            for i in range(G):
+                pool.submit_reset(g * G + i, seed=seed, options=options)
+        resets = dict(_gather(pool, set(range(self.num_tasks * G))))
+        slots: list[EpisodeSlot] = []
+        for g in range(self.num_tasks):
+            for i in range(G):
+                k = g * G + i
+                res = resets[k]
+                obs, info = res.obs or error_observation(), dict(res.info)
+                traj = Trajectory(task_id=str(info.get("task_id", "")), group=g)
+                if seeds is not None:
+                    traj.info["seed"] = seeds[g]
+                if res.error is not None:  # the episode never started
+                    slot = EpisodeSlot(group=g, index=i, env=None, conv=Conversation(), traj=traj, obs=obs, info=info, env_index=k)
+                    _mark_env_error(slot, res)
+                    slots.append(slot)
+                    continue
+                system = s.system_prompt if s.system_prompt is not None else info.get("system_prompt")
+                tools = list(info.get("tool_schemas") or []) if s.tool_schemas else []
+                conv = Conversation(system=system, tools=tools or None)
+                conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
+                slot = EpisodeSlot(group=g, index=i, env=None, conv=conv, traj=traj, obs=obs, info=info, env_index=k)
+                conv.meta.update(env=None, obs=obs, info=slot.info)  # no in-process env with a pool
+                slots.append(slot)
+        return play_pool(policy, slots, pool, s, stats=self.stats)
+
     def close(self) -> None:
         for r in self.runners:
             r.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 def play(policy: Policy, slots: list[EpisodeSlot], runners: Sequence[GroupRunner], s: RolloutSettings,
@@ -170,14 +255,8 @@ def play(policy: Policy, slots: list[EpisodeSlot], runners: Sequence[GroupRunner
         active = [sl for sl in slots if not sl.done]
         if not active:
             break
-        sampling = s.sampling
-        if sampling.seed is not None:  # a fresh, reproducible stream for every turn
-            sampling = replace(sampling, seed=sampling.seed * 1_000_003 + call)
+        gens = _generate(policy, active, s, call, stats)
         call += 1
-        gens = policy.generate([sl.conv for sl in active], sampling)
-        if len(gens) != len(active):
-            raise RuntimeError(f"policy returned {len(gens)} generations for {len(active)} conversations")
-        stats["policy_calls"] += 1
         by_group: dict[int, dict[int, tuple[EpisodeSlot, Generation]]] = {}
         for sl, gen in zip(active, gens):
             stats["generated_tokens"] += len(gen.token_ids)
@@ -190,6 +269,58 @@ def play(policy: Policy, slots: list[EpisodeSlot], runners: Sequence[GroupRunner
             for i, (sl, gen) in items.items():
                 _record_step(sl, gen, results[i], s)
                 stats["turns"] += 1
+    return _finish_all(policy, slots, s)
+
+
+def play_pool(policy: Policy, slots: list[EpisodeSlot], pool: BasePool, s: RolloutSettings,
+              *, stats: dict[str, float] | None = None) -> list[Trajectory]:
+    """``play`` with the envs in ``pool`` (env ``slot.env_index``): each turn's actions are
+    submitted as soon as the policy call returns and recorded as their results arrive.
+
+    A result with ``error`` set ends its episode (``termination_reason="env_error"``,
+    ``Trajectory.error``, ``info["env_error"]``); the other episodes go on.
+    """
+    stats = {} if stats is None else stats
+    stats.update(policy_calls=0, generated_tokens=0, turns=0, env_errors=sum(bool(sl.traj.info.get("env_error")) for sl in slots))
+    call = 0
+    while True:
+        active = [sl for sl in slots if not sl.done]
+        if not active:
+            break
+        gens = _generate(policy, active, s, call, stats)
+        call += 1
+        waiting: dict[int, tuple[EpisodeSlot, Generation]] = {}
+        for sl, gen in zip(active, gens):
+            stats["generated_tokens"] += len(gen.token_ids)
+            if gen.finish_reason in ("error", "budget"):
+                _end_without_step(sl, gen)
+                continue
+            assert sl.env_index is not None
+            pool.submit(sl.env_index, gen.text)
+            waiting[sl.env_index] = (sl, gen)
+        for k, res in _gather(pool, set(waiting)):
+            sl, gen = waiting[k]
+            _record_step(sl, gen, res, s)
+            stats["turns"] += 1
+            if res.error is not None:
+                _mark_env_error(sl, res)
+                stats["env_errors"] += 1
+    return _finish_all(policy, slots, s)
+
+
+def _generate(policy: Policy, active: list[EpisodeSlot], s: RolloutSettings, call: int, stats: dict[str, float]) -> list[Generation]:
+    """One batched policy call over the ``active`` episodes (the ``call``-th of this rollout)."""
+    sampling = s.sampling
+    if sampling.seed is not None:  # a fresh, reproducible stream for every turn
+        sampling = replace(sampling, seed=sampling.seed * 1_000_003 + call)
+    gens = policy.generate([sl.conv for sl in active], sampling)
+    if len(gens) != len(active):
+        raise RuntimeError(f"policy returned {len(gens)} generations for {len(active)} conversations")
+    stats["policy_calls"] += 1
+    return gens
+
+
+def _finish_all(policy: Policy, slots: list[EpisodeSlot], s: RolloutSettings) -> list[Trajectory]:
     temp_fn = getattr(policy, "logprob_temperature", None)
     temperature = float(temp_fn(s.sampling)) if callable(temp_fn) else s.sampling.logprob_temperature
     for sl in slots:
@@ -197,10 +328,48 @@ def play(policy: Policy, slots: list[EpisodeSlot], runners: Sequence[GroupRunner
     return [sl.traj for sl in slots]
 
 
+def _gather(pool: BasePool, want: set[int]) -> list[tuple[int, PoolResult]]:
+    """Poll ``pool`` until a result for every env in ``want`` came (every request has a
+    deadline, so this ends); results in arrival order."""
+    want = set(want)
+    out: list[tuple[int, PoolResult]] = []
+    while want:
+        got = pool.poll(timeout=None)
+        if not got and not pool.pending():
+            raise RuntimeError(f"the env pool has nothing in flight, but results for envs {sorted(want)} never came")
+        for k, res in got:
+            if k not in want:
+                logger.warning("env pool: dropped an unexpected %s result for env %d", res.op, k)
+                continue
+            want.discard(k)
+            out.append((k, res))
+    return out
+
+
+def _drain(pool: BasePool) -> None:
+    """Wait out (and drop) requests still in flight, e.g. after a policy call raised."""
+    while pool.pending():
+        for k, res in pool.poll(timeout=None):
+            logger.info("env pool: dropped a stale %s result for env %d", res.op, k)
+
+
+def _mark_env_error(sl: EpisodeSlot, res: PoolResult) -> None:
+    """The env failed (``res.error`` set): end the episode as ``env_error``."""
+    sl.done = True
+    sl.traj.error = res.error
+    sl.traj.termination_reason = "env_error"
+    sl.traj.success, sl.traj.score = False, 0.0
+    sl.traj.info["env_error"] = str(res.info.get("env_error") or "env_error")
+    logger.warning("episode %s (group %d, env %s) ended by an env failure: %s", sl.traj.task_id, sl.group, sl.env_index, res.error)
+
+
 def collect_rollouts(policy: Policy, env_id: str, *, seeds: Sequence[int], group_size: int = 8,
-                     settings: RolloutSettings | None = None, env_kwargs: dict[str, Any] | None = None) -> list[Trajectory]:
-    """One-shot helper: ``len(seeds)`` tasks x ``group_size`` episodes of ``env_id``."""
-    col = RolloutCollector(env_id, num_tasks=len(seeds), group_size=group_size, settings=settings, env_kwargs=env_kwargs)
+                     settings: RolloutSettings | None = None, env_kwargs: dict[str, Any] | None = None,
+                     backend: str = "local", pool_kwargs: dict[str, Any] | None = None) -> list[Trajectory]:
+    """One-shot helper: ``len(seeds)`` tasks x ``group_size`` episodes of ``env_id`` (on
+    ``backend``, see ``RolloutCollector``)."""
+    col = RolloutCollector(env_id, num_tasks=len(seeds), group_size=group_size, settings=settings, env_kwargs=env_kwargs,
+                           backend=backend, pool_kwargs=pool_kwargs)
     try:
         return col.collect(policy, seeds=list(seeds))
     finally:

@@ -111,7 +111,7 @@ class FirstViewAgent:
         # relative: which marker carries which glyph? try both assignments
         import re
 
-        m = re.search(r"with the (\w+) relative to the marker with the (\w+)", task.question)
+        m = re.search(r"with the (\w+)(?: stripes)? relative to the marker with the (\w+)", task.question)
         ga, gb = (m.group(1), m.group(2)) if m else ("circle", "square")
         b0, b1 = task.boxes
         keep = self._match(view, b0, scale, ga) + self._match(view, b1, scale, gb)

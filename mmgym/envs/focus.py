@@ -3,8 +3,9 @@ after zooming (V*, DeepEyes, Chain-of-Focus).
 
 The agent first sees the large canvas downsampled to ``view_size`` px. Targets are small
 white-framed markers: findable from afar, but the symbol inside each (an ink-equalised
-glyph) shrinks below ~3 px in the first view, where every glyph has the same mean
-intensity. The agent must zoom (``zoom(bbox=...)`` or ``zoom(region=k)``) to read it.
+glyph, or with ``symbols="stripes"`` a stripe pattern) shrinks below ~3 px (stripes: below
+a one-pixel period) in the first view, where every symbol has the same mean intensity.
+The agent must zoom (``zoom(bbox=...)`` or ``zoom(region=k)``) to read it.
 
 Questions (four options each): *attribute* — which symbol is inside the marker; and
 *relative* — where one marker lies relative to another (left/right/above/below), which
@@ -25,7 +26,7 @@ import numpy as np
 from mmgym.core import ToolCall, ToolResult
 from mmgym.envs.base import MMEnv, Task, Verdict
 from mmgym.envs.datasets import DEFAULT_MAX_PIXELS, RowError, load_rgb, load_rows, probe_image, resolve_in_root
-from mmgym.envs.scenes import GLYPHS, PALETTE, add_clutter, background, draw_marker
+from mmgym.envs.scenes import GLYPHS, PALETTE, STRIPES, add_clutter, background, draw_marker
 from mmgym.rewards import LETTERS, bbox_iou, choice_match
 from mmgym.tools import BBoxZoomTool, RegionZoomTool, ZoomState, draw_grid, resize_max_side
 from mmgym.tools.zoom import LABEL_CORNER
@@ -115,6 +116,9 @@ class ChainOfFocusEnv(MMEnv):
             first crop that contains that target's centre (0 disables it).
         answer_format: what the prompt asks for, ``"letter"`` (V*) or the option ``"text"``;
             either is accepted when verifying.
+        symbols: what procedural markers hold: ``"glyphs"`` (six ink-equalised shapes) or
+            ``"stripes"`` (four stripe orientations, equal ink; far easier for a small
+            vision tower to read once zoomed, and just as unreadable in the first view).
     """
 
     description = "V*-style visual search: the answer is readable only after zooming into a large image."
@@ -134,6 +138,7 @@ class ChainOfFocusEnv(MMEnv):
         question_types: tuple[str, ...] = ("attribute", "relative"),
         zoom_reward: float = 0.0,
         answer_format: Literal["letter", "text"] = "letter",
+        symbols: Literal["glyphs", "stripes"] = "glyphs",
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_turns: int = 4,
         rubric: str = "chain_of_focus",
@@ -142,6 +147,9 @@ class ChainOfFocusEnv(MMEnv):
         if answer_format not in ("letter", "text"):
             raise ValueError(f"answer_format must be 'letter' or 'text', got {answer_format!r}")
         self.answer_format = answer_format
+        if symbols not in ("glyphs", "stripes"):
+            raise ValueError(f"symbols must be 'glyphs' or 'stripes', got {symbols!r}")
+        self.symbols = symbols
         if zoom not in ("bbox", "region"):
             raise ValueError(f"zoom must be 'bbox' or 'region', got {zoom!r}")
         bad = set(question_types) - {"attribute", "relative"}
@@ -201,7 +209,8 @@ class ChainOfFocusEnv(MMEnv):
         img = background(rng, h, w)
         qtype = self.question_types[int(rng.integers(len(self.question_types)))]
         n_targets = 1 if qtype == "attribute" else 2
-        glyphs = [GLYPHS[i] for i in rng.permutation(len(GLYPHS))[:n_targets]]
+        kinds = STRIPES if self.symbols == "stripes" else GLYPHS
+        glyphs = [kinds[i] for i in rng.permutation(len(kinds))[:n_targets]]
         centres: list[tuple[float, float]] = []
         boxes: list[tuple[float, float, float, float]] = []
         for _ in range(n_targets):
@@ -219,14 +228,16 @@ class ChainOfFocusEnv(MMEnv):
         for (cx, cy), g in zip(centres, glyphs):
             draw_marker(img, cx, cy, side, glyph=g)
         if qtype == "attribute":
-            distractors = [g for g in GLYPHS if g != glyphs[0]]
+            distractors = [g for g in kinds if g != glyphs[0]]
             opts = [glyphs[0]] + [distractors[i] for i in rng.permutation(len(distractors))[:3]]
-            question = "Which symbol is inside the small white-framed marker?"
+            what = "stripe pattern" if self.symbols == "stripes" else "symbol"
+            question = f"Which {what} is inside the small white-framed marker?"
         else:
             dx, dy = centres[0][0] - centres[1][0], centres[0][1] - centres[1][1]
             truth = ("left" if dx < 0 else "right") if abs(dx) >= abs(dy) else ("above" if dy < 0 else "below")
             opts = [truth] + [d for d in DIRECTIONS if d != truth]
-            question = f"Where is the marker with the {glyphs[0]} relative to the marker with the {glyphs[1]}?"
+            noun = " stripes" if self.symbols == "stripes" else ""
+            question = f"Where is the marker with the {glyphs[0]}{noun} relative to the marker with the {glyphs[1]}{noun}?"
         order = rng.permutation(len(opts))
         options = tuple(opts[i] for i in order)
         correct = int(np.where(order == 0)[0][0])

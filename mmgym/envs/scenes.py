@@ -7,7 +7,7 @@ import math
 import cv2
 import numpy as np
 
-__all__ = ["PALETTE", "GLYPHS", "draw_shape", "draw_glyph", "background", "add_clutter", "draw_marker", "glyph_ink_scale"]
+__all__ = ["PALETTE", "GLYPHS", "STRIPES", "draw_stripes", "draw_shape", "draw_glyph", "background", "add_clutter", "draw_marker", "glyph_ink_scale"]
 
 # Named colours (RGB). None is near-white: white is reserved for markers.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -22,6 +22,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 
 GLYPHS = ("circle", "triangle", "square", "cross", "diamond", "bar")
+# Stripe patterns: 5 periods across a marker's tile, half dark, so every pattern has the
+# same ink and, once the period is below a pixel, the same mean colour. A small ViT tells
+# their orientation apart far more easily than small glyph shapes.
+STRIPES = ("horizontal", "vertical", "rising", "falling")
 
 
 def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -88,6 +92,23 @@ def draw_glyph(img: np.ndarray, glyph: str, cx: float, cy: float, r: float, colo
     draw_shape(img, glyph, cx, cy, r * glyph_ink_scale(glyph), color)
 
 
+def draw_stripes(img: np.ndarray, pattern: str, x1: int, y1: int, x2: int, y2: int, *,
+                 dark: tuple[int, int, int] = (20, 20, 20), light: tuple[int, int, int] = (200, 200, 200)) -> None:
+    """Fill ``img[y1:y2, x1:x2]`` with a ``STRIPES`` pattern (5 periods across the tile)."""
+    if pattern not in STRIPES:
+        raise ValueError(f"unknown stripe pattern {pattern!r}; known: {', '.join(STRIPES)}")
+    h, w = img.shape[:2]
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+    if x2 <= x1 or y2 <= y1:
+        return
+    n = max(1, x2 - x1)
+    yy, xx = np.mgrid[0:y2 - y1, 0:x2 - x1].astype(np.float32)
+    u = {"horizontal": yy, "vertical": xx, "rising": xx + (y2 - y1 - yy), "falling": xx + yy}[pattern]
+    period = n / 5.0 * (1.0 if pattern in ("horizontal", "vertical") else math.sqrt(2.0))
+    is_dark = ((u / period) % 1.0) < 0.5
+    img[y1:y2, x1:x2] = np.where(is_dark[..., None], np.array(dark, np.uint8), np.array(light, np.uint8))
+
+
 def add_clutter(img: np.ndarray, rng: np.random.Generator, n: int, size_range: tuple[float, float], avoid: list[tuple[float, float, float, float]] = ()) -> None:
     """Random palette shapes and lines (never white) that stay clear of the ``avoid`` boxes."""
     h, w = img.shape[:2]
@@ -112,7 +133,8 @@ def add_clutter(img: np.ndarray, rng: np.random.Generator, n: int, size_range: t
 
 def draw_marker(img: np.ndarray, cx: float, cy: float, side: float, *, glyph: str | None = None, color: tuple[int, int, int] | None = None) -> tuple[float, float, float, float]:
     """A zoom target: a white frame (visible from afar) around a light tile holding either a
-    dark ink-equalised ``glyph`` or a ``color`` swatch. Returns its box ``(x1, y1, x2, y2)``."""
+    dark ink-equalised ``glyph`` (a ``GLYPHS`` shape, or a ``STRIPES`` pattern that fills the
+    tile) or a ``color`` swatch. Returns its box ``(x1, y1, x2, y2)``."""
     half = side / 2
     x1, y1, x2, y2 = cx - half, cy - half, cx + half, cy + half
     p1 = (int(round(x1)), int(round(y1)))
@@ -123,7 +145,9 @@ def draw_marker(img: np.ndarray, cx: float, cy: float, side: float, *, glyph: st
     inner2 = (p2[0] - frame, p2[1] - frame)
     cv2.rectangle(img, inner1, inner2, (200, 200, 200), -1)
     r = (side / 2 - frame) * 0.62
-    if glyph is not None:
+    if glyph in STRIPES:
+        draw_stripes(img, glyph, inner1[0], inner1[1], inner2[0], inner2[1])
+    elif glyph is not None:
         draw_glyph(img, glyph, cx, cy, r, (20, 20, 20))
     if color is not None:
         cv2.rectangle(img, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), color, -1)

@@ -71,6 +71,10 @@ class DemonstrationPolicy:
         return base.oracle_action()
 
     def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[Generation]:
+        if any(c.meta.get("env") is None for c in conversations):
+            raise ValueError("DemonstrationPolicy asks the env's oracle for each reply, so it needs the in-process env in "
+                             "Conversation.meta['env']; envs in a worker pool (RolloutCollector backend 'process'/'ray') "
+                             "have none: collect demonstrations with backend='local'")
         enc = self.policy.encoder
         results, ready = enc.prepare(conversations, sampling.max_new_tokens)
         eos = enc.eos_token_ids[0]

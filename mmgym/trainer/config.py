@@ -18,8 +18,11 @@ __all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "AlgoSe
 def _default_env_kwargs() -> dict[str, Any]:
     # The tiny default model learns region zoom far faster than pixel coordinates; the
     # zoom turn gets its own verified reward (DeepEyes' tool reward / LongVT's IoU idea).
-    return {"zoom": "region", "grid": 4, "view_size": 112, "zoom_size": 224, "marker_frac": 0.026,
-            "question_types": ["attribute"], "zoom_reward": 0.5, "max_turns": 2}
+    # Stripe symbols and option-text answers: the tiny vision tower reads stripe orientation
+    # once zoomed (it never learned the small glyph shapes), and the first view hides it.
+    return {"zoom": "region", "grid": 4, "view_size": 112, "zoom_size": 224, "marker_frac": 0.04,
+            "symbols": "stripes", "answer_format": "text", "question_types": ["attribute"],
+            "zoom_reward": 0.5, "max_turns": 2}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,20 @@ class EnvSection:
     """Held-out evaluation tasks: ``task_index`` 0..eval_episodes-1, never drawn in training."""
     eval_every: int = 20
     """Evaluate every this many RL iterations (0: only before and after RL)."""
+    backend: str = "local"
+    """Where the RL rollouts' envs run (``mmgym.envs.pool.BACKENDS``): ``local`` in the
+    trainer's process; ``process`` in worker processes, ``ray`` in Ray actors (an env worker
+    pool: env steps overlap, and an env that raises, hangs or crashes ends only its own
+    episode, which is left out of the update). Demonstrations and evaluation stay local."""
+    workers: int | None = None
+    """Worker processes (or Ray actors) of the pool (None: one per CPU core, at most one
+    per env); ``process`` and ``ray`` only."""
+    address: str | None = None
+    """``ray.init`` address of the cluster (e.g. ``auto``; None: start or join a local one);
+    ``ray`` only."""
+    step_timeout_s: float = 60.0
+    """Bound on one env step inside the pool; a step past it ends its episode as ``env_error``
+    (the worker is replaced)."""
 
     @property
     def make_kwargs(self) -> dict[str, Any]:
@@ -41,10 +58,23 @@ class EnvSection:
         return _default_env_kwargs() if self.id == "mmgym/ChainOfFocus-v0" else {}
 
     def __post_init__(self) -> None:
+        from mmgym.envs.pool import BACKENDS
+
         if self.eval_episodes < 1:
             raise ValueError(f"env.eval_episodes must be >= 1, got {self.eval_episodes}")
         if self.eval_every < 0:
             raise ValueError(f"env.eval_every must be >= 0, got {self.eval_every}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown env.backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if self.workers is not None:
+            if self.workers < 1:
+                raise ValueError(f"env.workers must be >= 1 (or unset), got {self.workers}")
+            if self.backend == "local":
+                raise ValueError("env.workers needs a pool: set env.backend=process (or ray) too")
+        if self.address is not None and self.backend != "ray":
+            raise ValueError(f"env.address is the Ray cluster address: it needs env.backend=ray, not {self.backend!r}")
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"env.step_timeout_s must be > 0, got {self.step_timeout_s}")
 
 
 @dataclass(frozen=True)

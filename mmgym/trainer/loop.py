@@ -185,14 +185,23 @@ class Trainer:
         trajs = self.collector.collect(self.policy, seeds=seeds, settings=settings)
         return trajs, task_ids
 
-    def score(self, trajs: list[Trajectory], task_ids: list[int]) -> tuple[RolloutBatch, dict[str, float]]:
-        """Pad trajectories into a batch; update the task sampler; optionally drop flat groups."""
+    def score(self, trajs: list[Trajectory], task_ids: list[int]) -> tuple[RolloutBatch | None, dict[str, float]]:
+        """Pad trajectories into a batch; update the task sampler; optionally drop flat groups.
+
+        Episodes that ended with ``env_error`` stay out of the batch; those whose env failed
+        in the worker pool (``info["env_error"]``) also stay out of the sampler's success
+        rates and are counted as ``env_errors``. None: no episode is left to train on."""
         G = self.cfg.rollout.group_size
-        succ = [float(np.mean([t.success for t in trajs[g * G:(g + 1) * G]])) for g in range(len(task_ids))]
-        self.sampler.update(task_ids, succ)
+        groups = [[t for t in trajs[g * G:(g + 1) * G] if "env_error" not in t.info] for g in range(len(task_ids))]
+        seen = [g for g in range(len(task_ids)) if groups[g]]
+        self.sampler.update([task_ids[g] for g in seen], [float(np.mean([t.success for t in groups[g]])) for g in seen])
         metrics = episode_summary(trajs)
         metrics["errors"] = float(sum(t.termination_reason == "env_error" for t in trajs))
+        metrics["env_errors"] = float(sum("env_error" in t.info for t in trajs))
         keep = [i for i, t in enumerate(trajs) if t.token_ids and t.termination_reason != "env_error"]
+        if not keep:
+            log.warning("no episode of this iteration can be trained on (%d env errors of %d); update skipped", int(metrics["errors"]), len(trajs))
+            return None, metrics
         batch = self.policy.build_batch([trajs[i] for i in keep])
         if self.cfg.algo.drop_zero_variance_groups:
             mask = dynamic_sampling_filter(batch.outcome, batch.group_ids)
@@ -283,8 +292,12 @@ class Trainer:
             self.evaluate(0, "warm_start")
         if self.state.iteration >= cfg.iterations:
             return
+        pool_kwargs: dict[str, Any] = {"num_workers": cfg.env.workers, "step_timeout_s": cfg.env.step_timeout_s}
+        if cfg.env.backend == "ray":
+            pool_kwargs["address"] = cfg.env.address
         self.collector = RolloutCollector(cfg.env.id, num_tasks=cfg.rollout.tasks_per_iter, group_size=cfg.rollout.group_size,
-                                          env_kwargs=self.env_kwargs)
+                                          env_kwargs=self.env_kwargs, backend=cfg.env.backend,
+                                          pool_kwargs=pool_kwargs if cfg.env.backend != "local" else None)
         its = range(self.state.iteration, cfg.iterations)
         if self.progress:
             from tqdm import tqdm
@@ -297,8 +310,9 @@ class Trainer:
                 trajs, task_ids = self.collect(it)
                 t1 = time.perf_counter()
                 batch, metrics = self.score(trajs, task_ids)
-                adv = self.estimate(batch)
-                metrics.update(self.update(batch, adv))
+                if batch is not None:
+                    adv = self.estimate(batch)
+                    metrics.update(self.update(batch, adv))
                 metrics.update(collect_s=t1 - t0, update_s=time.perf_counter() - t1, lr=self.optimizer.param_groups[0]["lr"])
                 self.state.iteration = it + 1
                 self.log(it + 1, metrics, "rl")

@@ -160,3 +160,44 @@ def test_model_text_cannot_forge_image_placeholders() -> None:
                    '<tool_call>{"name": "<image>", "arguments": {}}</tool_call>'):
         obs, *_ = env.step(action)
         assert obs["text"].count("<image>") == len(obs["images"]) == 0
+
+
+def test_stripes_have_equal_ink_and_distinct_zoomed_patterns() -> None:
+    from mmgym.envs.scenes import STRIPES, draw_stripes
+
+    tiles = {}
+    for p in STRIPES:
+        img = np.zeros((40, 40, 3), np.uint8)
+        draw_stripes(img, p, 0, 0, 40, 40)
+        tiles[p] = img[..., 0].astype(np.float32)
+        assert abs(float((img[..., 0] < 100).mean()) - 0.5) < 0.06  # half dark whatever the orientation
+    for a in STRIPES:
+        for b in STRIPES:
+            if a < b:
+                assert np.abs(tiles[a] - tiles[b]).mean() > 40  # readable once large
+    with pytest.raises(ValueError, match="unknown stripe pattern"):
+        draw_stripes(np.zeros((8, 8, 3), np.uint8), "wavy", 0, 0, 8, 8)
+
+
+@pytest.mark.parametrize("zoom", ["bbox", "region"])
+def test_stripe_symbols_need_the_zoom(zoom: str) -> None:
+    from mmgym.trainer.config import _default_env_kwargs
+
+    kw = {**_default_env_kwargs(), "zoom": zoom}
+    env = gym.make("mmgym/ChainOfFocus-v0", **kw)
+    obs, _ = env.reset(seed=1)
+    task = env.unwrapped.task
+    assert "stripe pattern" in task.question and set(task.options) == {"horizontal", "vertical", "rising", "falling"}
+    assert _success(env, OracleAgent(), 30) == 1.0
+    # the generous first-view template matcher, told where the marker is, stays far below the oracle
+    assert _success(env, FirstViewAgent(), 80, start=700) < 0.55
+    with pytest.raises(ValueError, match="symbols"):
+        gym.make("mmgym/ChainOfFocus-v0", symbols="emoji")
+
+
+def test_relative_stripe_question_names_both_patterns() -> None:
+    env = gym.make("mmgym/ChainOfFocus-v0", symbols="stripes", question_types=("relative",))
+    env.reset(seed=2)
+    q = env.unwrapped.task.question
+    assert q.count(" stripes") == 2 and q.startswith("Where is the marker with the ")
+    assert _success(env, OracleAgent(), 10) == 1.0

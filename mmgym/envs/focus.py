@@ -119,6 +119,8 @@ class ChainOfFocusEnv(MMEnv):
         symbols: what procedural markers hold: ``"glyphs"`` (six ink-equalised shapes) or
             ``"stripes"`` (four stripe orientations, equal ink; far easier for a small
             vision tower to read once zoomed, and just as unreadable in the first view).
+        grid_code: region mode: colour-code each grid label (``draw_grid(coded=True)``) so a
+            small model can tell the cells apart without reading digits.
     """
 
     description = "V*-style visual search: the answer is readable only after zooming into a large image."
@@ -139,6 +141,7 @@ class ChainOfFocusEnv(MMEnv):
         zoom_reward: float = 0.0,
         answer_format: Literal["letter", "text"] = "letter",
         symbols: Literal["glyphs", "stripes"] = "glyphs",
+        grid_code: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_turns: int = 4,
         rubric: str = "chain_of_focus",
@@ -150,6 +153,7 @@ class ChainOfFocusEnv(MMEnv):
         if symbols not in ("glyphs", "stripes"):
             raise ValueError(f"symbols must be 'glyphs' or 'stripes', got {symbols!r}")
         self.symbols = symbols
+        self.grid_code = bool(grid_code)
         if zoom not in ("bbox", "region"):
             raise ValueError(f"zoom must be 'bbox' or 'region', got {zoom!r}")
         bad = set(question_types) - {"attribute", "relative"}
@@ -258,7 +262,7 @@ class ChainOfFocusEnv(MMEnv):
         h, w = img.shape[:2]
         view = resize_max_side(img, self.view_size)
         if self.zoom_mode == "region":
-            view = draw_grid(view, self.grid)
+            view = draw_grid(view, self.grid, coded=self.grid_code)
             how = f'zoom(region=k) on the {self.grid}x{self.grid} grid, k=1..{self.grid * self.grid}'
         else:
             how = f"zoom(bbox=[x1, y1, x2, y2]) in pixels of the {w}x{h} original"

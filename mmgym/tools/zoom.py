@@ -26,7 +26,7 @@ from mmgym.core import ToolResult
 
 LABEL_CORNER = 0.4  # fraction of a cell's width/height taken by its label in the top-left corner
 
-__all__ = ["LABEL_CORNER", "ZoomState", "BBoxZoomTool", "RegionZoomTool", "resize_max_side", "region_box", "draw_grid"]
+__all__ = ["LABEL_CORNER", "ZoomState", "BBoxZoomTool", "RegionZoomTool", "resize_max_side", "region_box", "draw_grid", "grid_code_color"]
 
 MIN_SIDE = 28  # DeepEyes / Qwen2.5-VL minimum patch-merge size
 MAX_ASPECT = 100.0
@@ -153,10 +153,32 @@ def region_box(k: int, grid: int, width: int, height: int, margin: float = 0.0) 
     )
 
 
-def draw_grid(view: np.ndarray, grid: int) -> np.ndarray:
-    """Return a copy of ``view`` with grid lines and 1-based cell labels drawn on it."""
+CODE_ALPHA = 0.35
+
+
+def grid_code_color(row: int, col: int, grid: int) -> tuple[int, int, int]:
+    """The colour code of cell (row, col): red grows with the column, green with the row."""
+    step = 190 // max(1, grid - 1)
+    return (30 + step * col, 30 + step * row, 140)
+
+
+def draw_grid(view: np.ndarray, grid: int, *, coded: bool = False) -> np.ndarray:
+    """Return a copy of ``view`` with grid lines and 1-based cell labels drawn on it.
+
+    ``coded`` tints each cell with its colour code (``grid_code_color``: red for the column,
+    green for the row; ``CODE_ALPHA`` of the pixel), so every image token carries its cell's
+    identity: a small vision tower that cannot read digits yet can still name the cell it
+    looks at (a Set-of-Mark-style visual prompt; a real VLM reads the digits).
+    """
     out = view.copy()
     h, w = out.shape[:2]
+    if coded:
+        for r in range(grid):
+            for c in range(grid):
+                ys = slice(round(r * h / grid), round((r + 1) * h / grid))
+                xs = slice(round(c * w / grid), round((c + 1) * w / grid))
+                tint = np.array(grid_code_color(r, c, grid), np.float32)
+                out[ys, xs] = np.clip(out[ys, xs].astype(np.float32) * (1 - CODE_ALPHA) + tint * CODE_ALPHA, 0, 255).astype(np.uint8)
     for i in range(1, grid):
         x, y = round(i * w / grid), round(i * h / grid)
         cv2.line(out, (x, 0), (x, h - 1), (255, 255, 255), 1)

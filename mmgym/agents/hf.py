@@ -234,17 +234,47 @@ class HFPolicy:
         import torch
 
         B, T = batch.input_ids.shape
-        inputs: list[ModelInputs | None] = list(batch.extras.get(MODEL_INPUTS_KEY) or [None] * B)
-        temps = batch.extras.get("temperature")
-        temps = torch.ones(B) if temps is None else torch.as_tensor(temps, dtype=torch.float32).reshape(B)
-        lengths = batch.attention_mask.sum(-1).tolist()
-        rows = [b for b in range(B) if lengths[b] >= 2]  # empty rows (scripted, failed) stay 0
+        inputs, temps, chunks = self._row_chunks(batch)
         out = torch.zeros((B, T), dtype=torch.float32, device=self.device)
-        step = self.logprob_micro_batch or max(1, len(rows))
-        for lo in range(0, len(rows), step):
-            idx = rows[lo: lo + step]
+        for idx in chunks:
             out[idx] = self._logprobs_rows(batch, inputs, temps, idx)
         return torch.where(batch.action_mask.to(out.device), out, torch.zeros((), device=out.device, dtype=out.dtype))
+
+    def token_distributions(self, batch: RolloutBatch, *, blank_images: bool) -> torch.Tensor:
+        """(B, A, V) log-probabilities over the vocabulary at each generated token, the
+        distribution that token was drawn from: same temperature and forbidden tokens
+        (-inf) as ``logprobs``, under the current weights, without gradient.
+
+        Generated tokens are packed to the left in order: entry ``[b, a]`` is row ``b``'s
+        ``a``-th token with ``action_mask`` 1, whose column is
+        ``mmgym.agents.tokens.action_positions(batch.action_mask)[0][b, a]``; entries past a
+        row's count are 0 (not a distribution). Only these positions are kept, computed in
+        ``logprob_micro_batch`` rows at a time, so memory is B x A x V rather than B x T x V.
+
+        ``blank_images=True`` runs the same token sequence with every image (and video
+        frame) replaced by a constant: the processor's ``pixel_values`` set to 0, which
+        after the processor's mean/std normalisation is a mean-gray picture. Image tokens,
+        positions and grids are unchanged, so only what the vision tower sees differs
+        (VPPO's "without the image" forward, arXiv:2510.09285).
+        """
+        import torch
+
+        from mmgym.agents.tokens import action_positions
+
+        B = batch.input_ids.shape[0]
+        positions, valid = action_positions(batch.action_mask)
+        V = self.encoder.vocab_size
+        out = torch.zeros((B, positions.shape[1], V), dtype=torch.float32, device=self.device)
+        inputs, temps, chunks = self._row_chunks(batch)
+        with torch.no_grad():
+            for idx in chunks:
+                logits, _ = self._forward_rows(batch, inputs, temps, idx, blank_images=blank_images)
+                # logits[:, j] predicts token j + 1; padded slots (column T) read column 0
+                src = (positions[idx] - 1).clamp(0, logits.shape[1] - 1).to(logits.device)
+                at = logits.gather(1, src.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+                lp = torch.log_softmax(at, dim=-1)
+                out[idx] = torch.where(valid[idx].to(lp.device).unsqueeze(-1), lp, torch.zeros((), device=lp.device))
+        return out
 
     # ------------------------------------------------------------------ helpers for users
     def build_batch(self, trajectories: list[Trajectory], **kw: Any) -> RolloutBatch:
@@ -378,12 +408,42 @@ class HFPolicy:
             raise RuntimeError(f"mmgym bug: {found} image tokens for {expected} image features ({n_images} images)")
 
     # ------------------------------------------------------------------ training forward
+    def _row_chunks(self, batch: RolloutBatch) -> tuple[list[ModelInputs | None], torch.Tensor, list[list[int]]]:
+        """Per-row model inputs, (B,) sampling temperatures, and the rows with at least 2
+        tokens (empty rows of scripted or failed episodes are skipped) in micro-batches."""
+        import torch
+
+        B = batch.input_ids.shape[0]
+        inputs: list[ModelInputs | None] = list(batch.extras.get(MODEL_INPUTS_KEY) or [None] * B)
+        temps = batch.extras.get("temperature")
+        temps = torch.ones(B) if temps is None else torch.as_tensor(temps, dtype=torch.float32).reshape(B)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        rows = [b for b in range(B) if lengths[b] >= 2]
+        step = self.logprob_micro_batch or max(1, len(rows))
+        return inputs, temps, [rows[lo: lo + step] for lo in range(0, len(rows), step)]
+
     def _logprobs_rows(self, batch: RolloutBatch, inputs: list[ModelInputs | None], temps: torch.Tensor,
                        idx: list[int]) -> torch.Tensor:
         """(len(idx), T) log-probs of rows ``idx`` (each with at least 2 tokens)."""
         import torch
 
         T = batch.input_ids.shape[1]
+        n = len(idx)
+        logits, ids = self._forward_rows(batch, inputs, temps, idx)
+        t_max = ids.shape[1]
+        # log-softmax at the sampled ids without a second (B, T, V) tensor
+        lp = logits.gather(2, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        zero = torch.zeros((), device=lp.device, dtype=lp.dtype)
+        return torch.cat([zero.expand(n, 1), lp, zero.expand(n, T - t_max)], dim=1)
+
+    def _forward_rows(self, batch: RolloutBatch, inputs: list[ModelInputs | None], temps: torch.Tensor,
+                      idx: list[int], *, blank_images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of rows ``idx``, cut to their longest sequence ``t_max``: float32
+        logits (n, t_max - 1, V_model) predicting tokens 1..t_max-1, divided by each row's
+        temperature, forbidden tokens at -inf; and the input ids (n, t_max).
+        ``blank_images``: pixel values set to 0 (see ``token_distributions``)."""
+        import torch
+
         n = len(idx)
         am = batch.attention_mask[idx]
         t_max = int(am.sum(-1).max())
@@ -398,15 +458,15 @@ class HFPolicy:
                     t[r, : len(vals)] = torch.tensor(vals, dtype=torch.long)
             kwargs[k] = t.to(self.device)
         media = concat_media([mi.media for mi in rows if mi is not None and mi.media])
+        if blank_images:
+            media = {k: (torch.zeros_like(v) if k.startswith("pixel_values") and isinstance(v, torch.Tensor) else v)
+                     for k, v in media.items()}
         kwargs.update({k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in media.items()})
         self._check_image_tokens(kwargs, sum(mi.num_images for mi in rows if mi is not None))
         logits = self.model(**kwargs, use_cache=False).logits[:, :-1].float()
         temp = temps[idx].to(logits.device).clamp_min(1e-6)[:, None, None]
         logits = (logits / temp).masked_fill(self._suppress_mask.to(logits.device), float("-inf"))
-        # log-softmax at the sampled ids without a second (B, T, V) tensor
-        lp = logits.gather(2, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1)
-        zero = torch.zeros((), device=lp.device, dtype=lp.dtype)
-        return torch.cat([zero.expand(n, 1), lp, zero.expand(n, T - t_max)], dim=1)
+        return logits, ids
 
     # ------------------------------------------------------------------ vision cache
     def _patch_vision(self, owner: Any) -> None:

@@ -28,7 +28,7 @@ from mmgym.core import RolloutBatch, Trajectory
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Segment", "TokenState", "ModelInputs", "build_rollout_batch", "MODEL_INPUTS_KEY", "TEMPERATURE_KEY"]
+__all__ = ["Segment", "TokenState", "ModelInputs", "action_positions", "build_rollout_batch", "MODEL_INPUTS_KEY", "TEMPERATURE_KEY"]
 
 SegmentKind = Literal["prompt", "obs", "given", "gen", "close"]
 
@@ -202,6 +202,37 @@ def concat_media(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def action_positions(action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generated tokens of each row packed to the left, in order.
+
+    Args:
+      action_mask: (B, T) bool.
+
+    Returns:
+      positions (B, A) long: ``positions[b, a]`` is the column of row ``b``'s ``a``-th
+        generated token, ``T`` where the row has fewer than ``A`` (``A`` = the most
+        generated tokens of any row);
+      valid (B, A) bool: ``a`` < the number of generated tokens of row ``b``.
+
+    >>> import torch
+    >>> pos, valid = action_positions(torch.tensor([[False, True, True], [True, False, False]]))
+    >>> pos.tolist(), valid.tolist()
+    ([[1, 2], [0, 3]], [[True, True], [True, False]])
+    """
+    import torch
+
+    mask = action_mask.bool()
+    B, T = mask.shape
+    counts = mask.sum(dim=1)
+    A = int(counts.max()) if B else 0
+    # a stable sort puts the generated columns first, in their original order
+    cols = torch.arange(T, device=mask.device).expand(B, T)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :A]
+    valid = torch.arange(A, device=mask.device).expand(B, A) < counts.unsqueeze(1)
+    positions = torch.where(valid, cols.gather(1, order), torch.full((), T, device=mask.device))
+    return positions, valid
+
+
 def _first_tool_turn(traj: Trajectory) -> int:
     """Index of the first turn whose next observation is a tool result (K if none)."""
     turns = traj.turns
@@ -225,7 +256,8 @@ def build_rollout_batch(
 
     ``token_turn[b, t]`` is the ``Turn.index`` of generated token ``t`` (-1 elsewhere), and
     column ``k`` of every (B, K) field is env turn ``k`` (dropped turns keep their column:
-    their rewards still count, only their tokens left the context). ``state_keys`` maps
+    their rewards still count, only their tokens left the context); ``tool_turns[b, k]``
+    is True iff turn ``k``'s reply made a parsed tool call (``Turn.tool_calls``). ``state_keys`` maps
     each distinct ``Turn.state_key`` string of the batch to one id. ``extras`` holds
     ``model_inputs`` (list of ``ModelInputs`` or ``None`` per row) and ``temperature``
     (B,) for ``Policy.logprobs``.
@@ -245,6 +277,7 @@ def build_rollout_batch(
     turn_rewards = torch.zeros((B, K), dtype=torch.float32)
     turn_mask = torch.zeros((B, K), dtype=torch.bool)
     state_keys = torch.full((B, K), -1, dtype=torch.long)
+    tool_turns = torch.zeros((B, K), dtype=torch.bool)
     key_ids: dict[str, int] = {}
     temps = torch.ones(B, dtype=torch.float32)
     model_inputs: list[ModelInputs | None] = []
@@ -266,6 +299,7 @@ def build_rollout_batch(
                 raise ValueError(f"trajectory {b} has turn {k} but the batch has K={K} turn columns")
             turn_rewards[b, k] = float(turn.reward)
             turn_mask[b, k] = True
+            tool_turns[b, k] = bool(turn.tool_calls)
             if turn.state_key is not None:
                 state_keys[b, k] = key_ids.setdefault(str(turn.state_key), len(key_ids))
             if turn.token_span is not None:
@@ -287,10 +321,11 @@ def build_rollout_batch(
         outcome=torch.tensor([t.total_reward for t in trajectories], dtype=torch.float32),
         success=torch.tensor([bool(t.success) for t in trajectories], dtype=torch.bool),
         first_tool_turn=torch.tensor([_first_tool_turn(t) for t in trajectories], dtype=torch.long),
+        tool_turns=tool_turns,
         extras={"model_inputs": model_inputs, "temperature": temps},
     )
     if device is not None:
         for name in ("input_ids", "attention_mask", "action_mask", "old_logprobs", "token_turn", "turn_rewards",
-                     "turn_mask", "state_keys", "group_ids", "outcome", "success", "first_tool_turn"):
+                     "turn_mask", "state_keys", "group_ids", "outcome", "success", "first_tool_turn", "tool_turns"):
             setattr(batch, name, getattr(batch, name).to(device))
     return batch

@@ -201,7 +201,8 @@ def visual_dependency(logits_with_image: torch.Tensor, logits_without_image: tor
 
     Args:
       logits_with_image, logits_without_image: (B, T, V) logits or log-probabilities
-        (log-softmax is applied, which leaves log-probabilities unchanged).
+        (log-softmax is applied, which leaves log-probabilities unchanged); -inf marks a
+        forbidden token (a term with p = 0 counts 0, the 0 log 0 = 0 convention).
 
     Returns:
       (B, T) float >= 0, detached (computed in float32 or wider).
@@ -212,7 +213,9 @@ def visual_dependency(logits_with_image: torch.Tensor, logits_without_image: tor
         dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
         lp = torch.log_softmax(a.to(dtype), dim=-1)
         lq = torch.log_softmax(b.to(dtype), dim=-1)
-        return (lp.exp() * (lp - lq)).sum(dim=-1).clamp(min=0.0)
+        # -inf - -inf is nan: tokens both distributions forbid (sampler masks) add nothing
+        terms = torch.where(lp > -torch.inf, lp.exp() * (lp - lq), torch.zeros((), dtype=dtype, device=lp.device))
+        return terms.sum(dim=-1).clamp(min=0.0)
 
 
 @TOKEN_WEIGHTS.register("vppo")

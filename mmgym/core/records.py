@@ -135,6 +135,8 @@ class RolloutBatch:
       outcome (B,) float (episode return), success (B,) bool;
       first_tool_turn (B,) long (index of the first turn whose next observation is a tool
         result; K if none) — MT-GRPO's split point;
+      tool_turns (B, K) bool, optional (turn k's reply made at least one parsed tool call;
+        None when the builder did not record it) — e.g. ToR's perception tokens;
       ref_logprobs / values optional (B, T).
     ``extras`` carries model inputs that are not token tensors (pixel values, grids).
     """
@@ -151,6 +153,7 @@ class RolloutBatch:
     outcome: torch.Tensor
     success: torch.Tensor
     first_tool_turn: torch.Tensor
+    tool_turns: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)

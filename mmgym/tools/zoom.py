@@ -165,10 +165,12 @@ def grid_code_color(row: int, col: int, grid: int) -> tuple[int, int, int]:
 def draw_grid(view: np.ndarray, grid: int, *, coded: bool = False) -> np.ndarray:
     """Return a copy of ``view`` with grid lines and 1-based cell labels drawn on it.
 
-    ``coded`` tints each cell with its colour code (``grid_code_color``: red for the column,
-    green for the row; ``CODE_ALPHA`` of the pixel), so every image token carries its cell's
-    identity: a small vision tower that cannot read digits yet can still name the cell it
-    looks at (a Set-of-Mark-style visual prompt; a real VLM reads the digits).
+    ``coded`` instead tints each cell with its colour code (``grid_code_color``: red for the
+    column, green for the row; ``CODE_ALPHA`` of the pixel) and draws no lines or digits, so
+    every image token carries its cell's identity and nothing bright competes with the
+    targets: a small vision tower that cannot read digits can still name the cell it looks at
+    (a Set-of-Mark-style visual prompt). With lines and digits as well, the embedded tiny
+    model did not learn to localise in 600 supervised steps; with tints alone it began to.
     """
     out = view.copy()
     h, w = out.shape[:2]
@@ -179,6 +181,7 @@ def draw_grid(view: np.ndarray, grid: int, *, coded: bool = False) -> np.ndarray
                 xs = slice(round(c * w / grid), round((c + 1) * w / grid))
                 tint = np.array(grid_code_color(r, c, grid), np.float32)
                 out[ys, xs] = np.clip(out[ys, xs].astype(np.float32) * (1 - CODE_ALPHA) + tint * CODE_ALPHA, 0, 255).astype(np.uint8)
+        return out
     for i in range(1, grid):
         x, y = round(i * w / grid), round(i * h / grid)
         cv2.line(out, (x, 0), (x, h - 1), (255, 255, 255), 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mmgym.algos import SAMPLERS, EstimatorConfig, LossConfig
+from mmgym.algos import SAMPLERS, EstimatorConfig, LossConfig, TokenWeightConfig
 
 __all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "AlgoSection", "OptimSection", "TrainConfig"]
 
@@ -21,7 +21,7 @@ def _default_env_kwargs() -> dict[str, Any]:
     # Stripe symbols and option-text answers: the tiny vision tower reads stripe orientation
     # once zoomed (it never learned the small glyph shapes), and the first view hides it.
     return {"zoom": "region", "grid": 4, "view_size": 112, "zoom_size": 224, "marker_frac": 0.04,
-            "symbols": "stripes", "answer_format": "text", "question_types": ["attribute"],
+            "symbols": "stripes", "grid_code": True, "answer_format": "text", "question_types": ["attribute"],
             "zoom_reward": 0.5, "max_turns": 2}
 
 
@@ -144,6 +144,12 @@ class AlgoSection:
     task_pool: int = 4096
     drop_zero_variance_groups: bool = False
     """DAPO dynamic sampling: exclude groups whose returns are all equal from the update."""
+    token_weights: TokenWeightConfig = field(default_factory=TokenWeightConfig)
+    """Per-token weights multiplied into the advantages of the policy-gradient term only
+    (``mmgym.algos.TOKEN_WEIGHTS``; e.g. ``algo.token_weights.name=vppo``): none (default),
+    vppo (two extra no-grad forwards per update, with and without the images), tor (tokens
+    of tool-call turns are perception tokens), delta_logp (needs the reference forward, run
+    even when ``loss.kl_coef`` is 0), fipo. Logged as ``tw/...``."""
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatch_size < 1:

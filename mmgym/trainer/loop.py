@@ -1,8 +1,9 @@
 """The trainer: an optional supervised warm start, then ``collect -> score -> estimate
 -> update`` iterations of multi-turn RL, with evaluation, checkpoints and resume.
 
-Each stage is a named method; the estimator, policy loss, aggregation and task sampler
-come from the algorithms' registries by name, so no estimator is special-cased here.
+Each stage is a named method; the estimator, policy loss, aggregation, task sampler and
+token weighting come from the algorithms' registries by name, so no estimator is
+special-cased here (``_TW_NEEDS`` only says which inputs each built-in weighting reads).
 """
 
 from __future__ import annotations
@@ -21,7 +22,19 @@ import numpy as np
 import torch
 
 from mmgym.agents import HFPolicy, RolloutCollector, RolloutSettings, SamplingParams
-from mmgym.algos import POLICY_LOSSES, SAMPLERS, AdvantageInputs, aggregate, compute_advantages, dynamic_sampling_filter, kl_penalty
+from mmgym.agents.tokens import action_positions
+from mmgym.algos import (
+    POLICY_LOSSES,
+    SAMPLERS,
+    AdvantageInputs,
+    TokenWeightInputs,
+    aggregate,
+    broadcast_turn_values,
+    compute_advantages,
+    compute_token_weights,
+    dynamic_sampling_filter,
+    kl_penalty,
+)
 from mmgym.core import RolloutBatch, Trajectory, from_dict
 from mmgym.trainer import distributed as dist_utils
 from mmgym.trainer.common import DemonstrationPolicy, build_policy, episode_summary, evaluate, select_rows
@@ -31,6 +44,20 @@ from mmgym.trainer.run_dir import RunDir
 __all__ = ["Trainer", "TrainingDiverged", "train"]
 
 log = logging.getLogger(__name__)
+
+# What each built-in token weighting reads besides the action mask, so the trainer runs
+# only the forwards it needs. A weighting that reads "logprobs" (the current policy's)
+# is computed per minibatch; the others once per update over the whole batch, before
+# any step (VPPO normalises within whole groups). A weighting registered elsewhere gets
+# the inputs that cost no extra forward, per minibatch (ref_logprobs when KL runs).
+_TW_NEEDS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "vppo": frozenset({"image_logits"}),
+    "tor": frozenset({"perception_mask"}),
+    "delta_logp": frozenset({"logprobs", "ref_logprobs"}),
+    "fipo": frozenset({"logprobs"}),
+}
+_TW_DEFAULT_NEEDS = frozenset({"logprobs", "perception_mask"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -216,11 +243,14 @@ class Trainer:
         return out.advantages.detach()
 
     def update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
-        """PPO epochs over minibatches: clipped policy loss (+ KL to the reference)."""
+        """PPO epochs over minibatches: clipped policy loss (+ KL to the reference), with
+        the configured token weights multiplied into the advantages of the policy term."""
         algo = self.cfg.algo
         loss_fn = POLICY_LOSSES.get(algo.loss.policy_loss)
-        ref_lp = self._reference_logprobs(batch)
-        stats: dict[str, list[float]] = {}
+        needs = _TW_NEEDS.get(algo.token_weights.name, _TW_DEFAULT_NEEDS)
+        ref_lp = self._reference_logprobs(batch, needed="ref_logprobs" in needs)
+        fixed_w, tw_stats = self._batch_token_weights(batch, needs)  # before train(): no dropout
+        stats: dict[str, list[float]] = {k: [v] for k, v in tw_stats.items()}
         self.policy.train()
         B = batch.batch_size
         for _epoch in range(algo.ppo_epochs):
@@ -230,7 +260,10 @@ class Trainer:
                 mb = select_rows(batch, idx)
                 logp = self.policy.logprobs(mb)
                 mask = mb.action_mask
-                per_tok, m = loss_fn(logp, mb.old_logprobs, adv[idx], mask, algo.loss)
+                mb_adv, tw_m = self._weighted_advantages(adv[idx], mb, logp, None if ref_lp is None else ref_lp[idx],
+                                                         None if fixed_w is None else fixed_w[idx], needs)
+                per_tok, m = loss_fn(logp, mb.old_logprobs, mb_adv, mask, algo.loss)
+                m = dict(m, **tw_m)
                 if ref_lp is not None and algo.loss.kl_coef > 0:
                     kl = kl_penalty(logp, ref_lp[idx], algo.loss.kl_kind)
                     per_tok = per_tok + algo.loss.kl_coef * kl
@@ -243,8 +276,75 @@ class Trainer:
         self.policy.eval()
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
-    def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
-        if self.cfg.algo.loss.kl_coef <= 0:
+    # ------------------------------------------------------------------ token weights
+    def _batch_token_weights(self, batch: RolloutBatch, needs: frozenset[str]) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """(B, T) weights of a weighting that does not read the current log-probs (vppo,
+        tor), computed once per update; None (and no work) for ``none`` and for the
+        per-minibatch weightings. VPPO reads the policy's distributions with and without
+        the images at the generated positions only, packed (B, A, V), then unpacked."""
+        tw = self.cfg.algo.token_weights
+        if tw.name == "none" or "logprobs" in needs:
+            return None, {}
+        perception = self._perception_mask(batch) if "perception_mask" in needs else None
+        if "image_logits" not in needs:
+            inputs = TokenWeightInputs(action_mask=batch.action_mask, perception_mask=perception, group_ids=batch.group_ids)
+            w, m = compute_token_weights(inputs, tw)
+            return w, self._tw_metrics(m, needs)
+        with_img = self.policy.token_distributions(batch, blank_images=False)
+        without = self.policy.token_distributions(batch, blank_images=True)
+        dev = with_img.device  # (B, A, V) stays where the model put it
+        positions, valid = (x.to(dev) for x in action_positions(batch.action_mask))
+        if perception is not None:
+            perception = torch.cat([perception, perception.new_zeros(batch.batch_size, 1)], 1).to(dev).gather(1, positions)
+        inputs = TokenWeightInputs(action_mask=valid, perception_mask=perception, group_ids=batch.group_ids.to(dev),
+                                   logits_with_image=with_img, logits_without_image=without)
+        packed, m = compute_token_weights(inputs, tw)
+        T = batch.input_ids.shape[1]
+        w = packed.new_zeros(batch.batch_size, T + 1).scatter_(1, positions, packed)[:, :T]  # column T: padding
+        return w, self._tw_metrics(m, needs)
+
+    def _weighted_advantages(self, adv: torch.Tensor, mb: RolloutBatch, logp: torch.Tensor, ref_lp: torch.Tensor | None,
+                             fixed_w: torch.Tensor | None, needs: frozenset[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The minibatch's advantages (n, T) times its token weights: ``fixed_w`` when the
+        weights were computed for the whole batch, else the weighting run now on the
+        minibatch with its current log-probs (detached; before the update's first step
+        they equal the sampler's up to numerics) and old/reference log-probs."""
+        tw = self.cfg.algo.token_weights
+        if fixed_w is not None:
+            return adv * fixed_w.to(adv.device), {}
+        if tw.name == "none":
+            return adv, {}
+        inputs = TokenWeightInputs(
+            action_mask=mb.action_mask, logprobs=logp.detach(), old_logprobs=mb.old_logprobs, ref_logprobs=ref_lp,
+            perception_mask=self._perception_mask(mb) if "perception_mask" in needs else None, group_ids=mb.group_ids)
+        w, m = compute_token_weights(inputs, tw)
+        return adv * w.to(adv.device), self._tw_metrics(m, needs)
+
+    def _tw_metrics(self, metrics: dict[str, torch.Tensor], needs: frozenset[str]) -> dict[str, float]:
+        """``tw/``-prefixed floats. ``tw/extra_forwards`` counts whole-batch forwards beyond
+        the training and KL-reference ones: the weighting's own (VPPO: without the images)
+        plus the trainer's (VPPO's with-image forward, since the training forward keeps no
+        (B, T, V) logits; the reference forward when only delta_logp needs it)."""
+        own = int("image_logits" in needs) + int("ref_logprobs" in needs and self.cfg.algo.loss.kl_coef <= 0)
+        out = {f"tw/{k}": float(v) for k, v in metrics.items()}
+        out["tw/extra_forwards"] = out.get("tw/extra_forwards", 0.0) + own
+        return out
+
+    @staticmethod
+    def _perception_mask(batch: RolloutBatch) -> torch.Tensor:
+        """(B, T) bool: generated tokens of turns whose reply made a tool call. The image
+        and video tools (zoom, crop_video, get_frames, zoom_frame) look at the picture, so
+        these are ToR's perception tokens and the other replies reasoning tokens. Tools
+        that do not look (ask, navigate, refer in the non-image envs) count too."""
+        if batch.tool_turns is None:
+            raise ValueError("token weighting 'tor' needs RolloutBatch.tool_turns (B, K), which "
+                             "mmgym.agents.tokens.build_rollout_batch fills from Turn.tool_calls")
+        return broadcast_turn_values(batch.tool_turns, batch.token_turn, batch.action_mask).bool()
+
+    def _reference_logprobs(self, batch: RolloutBatch, *, needed: bool = False) -> torch.Tensor | None:
+        """(B, T) log-probs under the frozen warm-start policy: for the KL term, or when a
+        token weighting reads them (``needed``) even with ``kl_coef`` 0; else None."""
+        if self.cfg.algo.loss.kl_coef <= 0 and not needed:
             return None
         if self.ref is None:  # frozen copy of the warm-started policy
             self.ref = HFPolicy.from_model(copy.deepcopy(self.policy.model).eval(), self.policy.processor, name="reference",

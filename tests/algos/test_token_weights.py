@@ -71,6 +71,16 @@ def test_visual_dependency_by_hand():
     torch.testing.assert_close(visual_dependency(with_img.log_softmax(-1), without.log_softmax(-1)), dep)
 
 
+def test_visual_dependency_skips_tokens_both_distributions_forbid():
+    # a sampler's forbidden token is -inf in both: 0 log 0 counts 0 (not nan); a token only
+    # the masked forward forbids while the image one allows it makes the KL infinite
+    ninf = -math.inf
+    with_img = t([[[0.0, 0.0, ninf], [0.0, 0.0, 0.0]]])
+    without = t([[[math.log(3.0), 0.0, ninf], [0.0, 0.0, ninf]]])
+    dep = visual_dependency(with_img, without)
+    assert dep[0, 0].item() == pytest.approx(0.5 * math.log(4 / 3)) and dep[0, 1].item() == math.inf
+
+
 def _logits_with_dependency(deps):
     """(B, T, 2) pairs whose KL(with || without) increases with the given ranks."""
     with_img = torch.zeros(len(deps), len(deps[0]), 2, dtype=D)

@@ -150,6 +150,26 @@ class HFPolicy:
                     tool_result_role=tool_result_role, cache_vision=cache_vision, logprob_micro_batch=logprob_micro_batch)
         return self
 
+    def clone(self, *, name: str) -> HFPolicy:
+        """An independent copy in eval mode: a deep copy of the model (the same parameters
+        trainable, LoRA adapters included) with its own vision-feature wrapper, sharing the
+        processor and settings. Use this, not ``copy.deepcopy(policy.model)``: the wrapper installed
+        on the model is a closure over *this* model's vision tower, which a plain deep copy
+        would keep, so the copy would read images with the original's (changing) weights."""
+        import copy
+
+        # memo {id(self): None}: the model's back-reference to this policy is not copied
+        model = copy.deepcopy(self.model, {id(self): None})
+        owner = _find_vision_owner(model)
+        if owner is not None:
+            for attr in ("get_image_features", "get_video_features", "_mmgym_patched", "_mmgym_policy"):
+                owner.__dict__.pop(attr, None)
+        twin = HFPolicy.from_model(model, self.processor, name=name, device=self.device, max_context=self.max_context,
+                                   tool_result_role=self.encoder.tool_result_role, cache_vision=self.cache_vision,
+                                   logprob_micro_batch=self.logprob_micro_batch)
+        twin.lora = self.lora
+        return twin
+
     def _setup(self, processor: Any, model: Any, *, device: torch.device, lora: LoraSettings | None, max_context: int | None,
                tool_result_role: str, cache_vision: bool, logprob_micro_batch: int | None) -> None:
         import torch

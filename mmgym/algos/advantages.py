@@ -76,7 +76,8 @@ class AdvantageInputs:
       token_rewards (B, T) float, optional: extra per-token rewards added to the turn
         rewards by the token-level estimators (``gae``, ``reinforce_pp``), e.g. a
         per-token KL penalty (REINFORCE++ puts -beta*KL in the reward).
-      extra: free-form extras for custom estimators; the built-in ones ignore it.
+      extra: free-form extras for estimators that read more: ``prime`` reads
+        ``extra["process_rewards"]`` (B, T); the others ignore it.
     """
 
     action_mask: torch.Tensor
@@ -126,8 +127,11 @@ class AdvantageInputs:
                 raise ValueError(f"AdvantageInputs.{name} must be an integer tensor, got {value.dtype}")
 
     @classmethod
-    def from_batch(cls, batch: RolloutBatch, *, turn_values: torch.Tensor | None = None) -> AdvantageInputs:
-        """Take the estimator fields from a ``RolloutBatch`` (no copies)."""
+    def from_batch(
+        cls, batch: RolloutBatch, *, turn_values: torch.Tensor | None = None, extra: dict[str, Any] | None = None
+    ) -> AdvantageInputs:
+        """Take the estimator fields from a ``RolloutBatch`` (no copies); ``turn_values`` and
+        ``extra`` (e.g. PRIME's ``{"process_rewards": (B, T)}``) are passed through."""
         return cls(
             action_mask=batch.action_mask.bool(),
             token_turn=batch.token_turn,
@@ -139,6 +143,7 @@ class AdvantageInputs:
             first_tool_turn=batch.first_tool_turn,
             values=batch.values,
             turn_values=turn_values,
+            extra=extra,
         )
 
     @classmethod

@@ -7,12 +7,13 @@ bad combinations with the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from mmgym.algos import SAMPLERS, EstimatorConfig, LossConfig, TokenWeightConfig
+from mmgym.algos import SAMPLERS, EstimatorConfig, LossConfig, PrimeConfig, PrimeEstimatorConfig, TokenWeightConfig
 
-__all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "AlgoSection", "OptimSection", "TrainConfig"]
+__all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "PrimeSection", "AlgoSection", "OptimSection",
+           "TrainConfig"]
 
 
 def _default_env_kwargs() -> dict[str, Any]:
@@ -134,6 +135,35 @@ class SFTSection:
 
 
 @dataclass(frozen=True)
+class PrimeSection(PrimeConfig):
+    """PRIME's implicit process reward model (``algo.estimator.estimator=prime``; read only then).
+
+    The PRM starts as a trainable copy of the frozen reference (the weights RL starts from:
+    the warm start), is scored against that reference, r_t = beta * log(pi_phi / pi_ref)
+    per generated token, and is trained online with its own AdamW on the cross-entropy of
+    PRIME Eq. 4 against each episode's success (the verified outcome label). Inherited
+    fields, with PRIME's defaults: ``update`` ("before" | "after"), ``beta`` (0.05),
+    ``process_coef`` (PRIME ``reward_dpo_coef``, 5) and ``outcome_coef`` (``reward_gt_coef``, 5);
+    see ``mmgym.algos.PrimeConfig``. Logged as ``prime/loss``, ``prime/acc``, ``prime/reward_mean``.
+    """
+
+    lr: float = 2e-4
+    """PRM learning rate. PRIME's recipe trains a 7B PRM at 1e-6, twice its actor's 5e-7;
+    the embedded tiny model's policy trains at ``optim.lr`` 1e-4, so 2e-4 keeps that ratio
+    (1e-6 would leave a 1M-parameter PRM almost where it started within a few hundred
+    steps). Scale it with ``optim.lr`` for a real model."""
+    grad_clip: float = 10.0
+    """Gradient-norm clip of the PRM's steps (PRIME's recipe: 10.0)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.lr > 0:
+            raise ValueError(f"algo.prime.lr must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"algo.prime.grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
 class AlgoSection:
     estimator: EstimatorConfig = field(default_factory=lambda: EstimatorConfig(estimator="mt_grpo"))
     loss: LossConfig = field(default_factory=lambda: LossConfig(kl_coef=0.01, clip_high=0.28))
@@ -150,6 +180,18 @@ class AlgoSection:
     vppo (two extra no-grad forwards per update, with and without the images), tor (tokens
     of tool-call turns are perception tokens), delta_logp (needs the reference forward, run
     even when ``loss.kl_coef`` is 0), fipo. Logged as ``tw/...``."""
+    prime: PrimeSection = field(default_factory=PrimeSection)
+    """PRIME's implicit PRM and its reward weights, used when ``estimator.estimator`` is
+    ``prime`` (one more trainable model copy and its optimizer; the reference forward runs
+    even when ``loss.kl_coef`` is 0)."""
+
+    @property
+    def estimator_config(self) -> EstimatorConfig:
+        """The config the estimator is called with: ``estimator``, carrying ``prime`` when
+        the estimator is ``prime`` (``mmgym.algos.PrimeEstimatorConfig``)."""
+        if self.estimator.estimator != "prime":
+            return self.estimator
+        return PrimeEstimatorConfig(**{f.name: getattr(self.estimator, f.name) for f in fields(self.estimator)}, prime=self.prime)
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatch_size < 1:
@@ -159,7 +201,7 @@ class AlgoSection:
         if self.estimator.estimator in ("gae", "bilevel_gae"):
             raise ValueError(f"algo.estimator.estimator={self.estimator.estimator!r} needs a critic, which this trainer "
                              "does not build yet; use grpo, dr_grpo, rloo, reinforce_pp, gigpo or mt_grpo")
-        needs = {"prime": "a process reward model and its optimizer", "matchtir": "gold tool calls per task",
+        needs = {"matchtir": "gold tool calls per task",
                  "durian_grpo": "a per-sample difficulty", "igpo": "teacher-forced answer log-probs per turn"}
         if self.estimator.estimator in needs:
             raise ValueError(f"algo.estimator.estimator={self.estimator.estimator!r} needs {needs[self.estimator.estimator]}, "
@@ -212,6 +254,6 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.algo.estimator.estimator in ("grpo", "dr_grpo", "rloo", "gigpo", "mt_grpo") and self.rollout.group_size < 2:
+        if self.algo.estimator.estimator in ("grpo", "dr_grpo", "rloo", "gigpo", "mt_grpo", "prime") and self.rollout.group_size < 2:
             raise ValueError(f"algo.estimator.estimator={self.algo.estimator.estimator!r} compares episodes within a group: "
                              "set rollout.group_size >= 2")

@@ -2,13 +2,14 @@
 -> update`` iterations of multi-turn RL, with evaluation, checkpoints and resume.
 
 Each stage is a named method; the estimator, policy loss, aggregation, task sampler and
-token weighting come from the algorithms' registries by name, so no estimator is
-special-cased here (``_TW_NEEDS`` only says which inputs each built-in weighting reads).
+token weighting come from the algorithms' registries by name (``_TW_NEEDS`` only says
+which inputs each built-in weighting reads). One estimator needs a model of its own:
+``prime`` reads dense rewards from an online-trained PRM (``mmgym.trainer.prime``), which
+``learn`` steps and scores around ``estimate``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from mmgym.core import RolloutBatch, Trajectory, from_dict
 from mmgym.trainer import distributed as dist_utils
 from mmgym.trainer.common import DemonstrationPolicy, build_policy, episode_summary, evaluate, select_rows
 from mmgym.trainer.config import TrainConfig
+from mmgym.trainer.prime import ImplicitPRM
 from mmgym.trainer.run_dir import RunDir
 
 __all__ = ["Trainer", "TrainingDiverged", "train"]
@@ -92,6 +94,7 @@ class Trainer:
         self.sampler = SAMPLERS.get(cfg.algo.sampler)(cfg.algo.task_pool)
         self.rng = np.random.default_rng([cfg.seed, self.rank])
         self.ref: HFPolicy | None = None
+        self.prm: ImplicitPRM | None = None  # PRIME's process reward model (estimator "prime")
         self.optimizer = self._make_optimizer(cfg.sft.lr if cfg.sft.enabled else cfg.optim.lr)
         if ckpt is not None:
             self._restore(ckpt)
@@ -120,6 +123,9 @@ class Trainer:
         torch.set_rng_state(extra["torch_rng"])
         if self.state.sampler:
             self.sampler.load_state_dict(self.state.sampler)
+        if (ckpt / "prm").is_dir() and self.cfg.algo.estimator.estimator == "prime":
+            self.prm = ImplicitPRM.load(ckpt / "prm", self.policy, self.cfg.algo.prime,
+                                        minibatch_size=self.cfg.algo.minibatch_size, weight_decay=self.cfg.optim.weight_decay)
         self.rng = np.random.default_rng([self.cfg.seed, self.rank, self.state.iteration, self.state.sft_step])
         log.info("resumed from %s (phase %s, iteration %d)", ckpt, self.state.phase, self.state.iteration)
 
@@ -140,7 +146,8 @@ class Trainer:
         if not dist_utils.is_main():
             return
         self.state.sampler = self.sampler.state_dict()
-        self.run.save_checkpoint(step, policy=self.policy, optimizer=self.optimizer, state=self.state.__dict__, keep=self.cfg.keep_checkpoints)
+        self.run.save_checkpoint(step, policy=self.policy, optimizer=self.optimizer, state=self.state.__dict__, keep=self.cfg.keep_checkpoints,
+                                 write_extra=None if self.prm is None else self.prm.save)
 
     def log(self, step: int, metrics: dict[str, float], phase: str) -> None:
         if dist_utils.is_main():
@@ -237,10 +244,44 @@ class Trainer:
                 batch = select_rows(batch, mask.nonzero()[:, 0].tolist())
         return batch, metrics
 
-    def estimate(self, batch: RolloutBatch) -> torch.Tensor:
-        """(B, T) token advantages from the configured estimator."""
-        out = compute_advantages(AdvantageInputs.from_batch(batch), self.cfg.algo.estimator)
+    def estimate(self, batch: RolloutBatch, *, extra: dict[str, Any] | None = None) -> torch.Tensor:
+        """(B, T) token advantages from the configured estimator; ``extra`` goes to
+        ``AdvantageInputs.extra`` (PRIME: ``{"process_rewards": (B, T)}``)."""
+        out = compute_advantages(AdvantageInputs.from_batch(batch, extra=extra), self.cfg.algo.estimator_config)
         return out.advantages.detach()
+
+    def learn(self, batch: RolloutBatch) -> dict[str, float]:
+        """estimate -> update. With the ``prime`` estimator, PRIME's PRM is stepped on the
+        batch's success labels before its process rewards are computed
+        (``algo.prime.update=before``: the rewards come from the updated PRM) or after the
+        policy update (``after``: they come from the PRM as it was before this batch).
+        Logs ``prime/loss``, ``prime/acc``, ``prime/logit_mean`` and ``prime/reward_mean``."""
+        if self.cfg.algo.estimator.estimator != "prime":
+            return self.update(batch, self.estimate(batch))
+        ref_lp = self._reference_logprobs(batch, needed=True)  # shared with the KL term
+        prm = self._process_reward_model()
+        metrics: dict[str, float] = {}
+        if self.cfg.algo.prime.update == "before":
+            metrics.update(prm.step(batch, ref_lp))
+        rewards, reward_metrics = prm.process_rewards(batch, ref_lp)
+        metrics.update(reward_metrics)
+        metrics.update(self.update(batch, self.estimate(batch, extra={"process_rewards": rewards})))
+        if self.cfg.algo.prime.update == "after":
+            metrics.update(prm.step(batch, ref_lp))
+        return metrics
+
+    def _process_reward_model(self) -> ImplicitPRM:
+        """PRIME's PRM: restored from the checkpoint, or (first use) a copy of the frozen
+        reference -- the weights RL started from -- training what the policy trains."""
+        if self.prm is None:
+            if self.ref is None:
+                self.ref = self._frozen_reference()
+            model = self.ref.clone(name="prm")
+            for p, q in zip(model.model.parameters(), self.policy.model.parameters(), strict=True):
+                p.requires_grad_(q.requires_grad)
+            self.prm = ImplicitPRM(model, self.cfg.algo.prime, minibatch_size=self.cfg.algo.minibatch_size,
+                                   weight_decay=self.cfg.optim.weight_decay)
+        return self.prm
 
     def update(self, batch: RolloutBatch, adv: torch.Tensor) -> dict[str, float]:
         """PPO epochs over minibatches: clipped policy loss (+ KL to the reference), with
@@ -343,16 +384,34 @@ class Trainer:
 
     def _reference_logprobs(self, batch: RolloutBatch, *, needed: bool = False) -> torch.Tensor | None:
         """(B, T) log-probs under the frozen warm-start policy: for the KL term, or when a
-        token weighting reads them (``needed``) even with ``kl_coef`` 0; else None."""
+        token weighting or PRIME reads them (``needed``) even with ``kl_coef`` 0; else None.
+        Computed once per batch (kept in ``batch.ref_logprobs``)."""
         if self.cfg.algo.loss.kl_coef <= 0 and not needed:
             return None
-        if self.ref is None:  # frozen copy of the warm-started policy
-            self.ref = HFPolicy.from_model(copy.deepcopy(self.policy.model).eval(), self.policy.processor, name="reference",
-                                           max_context=self.policy.max_context)
-            for p in self.ref.model.parameters():
-                p.requires_grad_(False)
-        with torch.no_grad():
-            return self.ref.logprobs(batch)
+        if batch.ref_logprobs is None:
+            if self.ref is None:
+                self.ref = self._frozen_reference()
+            with torch.no_grad():
+                batch.ref_logprobs = self.ref.logprobs(batch)
+        return batch.ref_logprobs
+
+    def _frozen_reference(self) -> HFPolicy:
+        """The weights RL started from (the warm start), frozen: a copy of the policy when
+        built at the first RL update; after a resume past it, reloaded from the configured
+        model (or, after an SFT phase, its checkpoint ``step_0000000``) since the policy has
+        moved on -- unless that checkpoint was rotated out (then the resumed policy, warned)."""
+        start: HFPolicy | None = None
+        if self.state.iteration > 0:
+            path = self.run.ckpt_root / "step_0000000" / "model" if self.cfg.sft.enabled else None
+            if path is None or path.is_dir():
+                start = build_policy(self.cfg, path)
+            else:
+                log.warning("the warm start (checkpoint step_0000000) is no longer kept; the reference for KL/PRIME "
+                            "is the resumed policy (raise keep_checkpoints to keep it)")
+        ref = start if start is not None else self.policy.clone(name="reference")
+        for p in ref.model.parameters():
+            p.requires_grad_(False)
+        return ref.eval()
 
     def _apply(self, loss: torch.Tensor) -> bool:
         """Backward + clip + step, unless the loss is not finite (then skip and count)."""
@@ -411,8 +470,7 @@ class Trainer:
                 t1 = time.perf_counter()
                 batch, metrics = self.score(trajs, task_ids)
                 if batch is not None:
-                    adv = self.estimate(batch)
-                    metrics.update(self.update(batch, adv))
+                    metrics.update(self.learn(batch))
                 metrics.update(collect_s=t1 - t0, update_s=time.perf_counter() - t1, lr=self.optimizer.param_groups[0]["lr"])
                 self.state.iteration = it + 1
                 self.log(it + 1, metrics, "rl")

@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +181,11 @@ class RunDir:
         cks = self.checkpoints()
         return cks[-1] if cks else None
 
-    def save_checkpoint(self, step: int, *, policy: Any, optimizer: Any, state: dict[str, Any], keep: int) -> Path:
-        """Write model (transformers format), optimizer and trainer state atomically."""
+    def save_checkpoint(self, step: int, *, policy: Any, optimizer: Any, state: dict[str, Any], keep: int,
+                        write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Write model (transformers format), optimizer and trainer state atomically.
+        ``write_extra(folder)`` writes more into the checkpoint folder before it is fsynced
+        and renamed (e.g. PRIME's PRM under ``prm/``), so it is as atomic as the rest."""
         import torch
 
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -193,6 +197,8 @@ class RunDir:
             torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
             state = dict(state, numpy_rng=_np_state(), python_rng=_py_state())
             (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+            if write_extra is not None:
+                write_extra(tmp)
             for p in tmp.rglob("*"):
                 if p.is_file():
                     with open(p, "rb") as f:

@@ -135,8 +135,9 @@ def _trainable(tr: Trainer) -> list[torch.nn.Parameter]:
 
 def test_weights_multiply_the_advantage_of_the_policy_term(trainer_and_batch, monkeypatch) -> None:
     tr, batch, _ = trainer_and_batch
-    adv = tr.estimate(batch)
-    assert adv[batch.action_mask].abs().sum() > 0
+    # hand-set advantages (+1 / -1 by row) so the check does not depend on sampled rewards
+    sign = torch.tensor([1.0 if b % 2 == 0 else -1.0 for b in range(batch.batch_size)])[:, None]
+    adv = sign * batch.action_mask.float()
     params = _trainable(tr)
     seen: list[tuple[float, float]] = []
 

@@ -68,7 +68,7 @@ def test_existing_run_folder_is_refused(tmp_path: Path) -> None:
     ("algo.loss.clip_hgh=0.3", "unknown config key 'algo.loss.clip_hgh'"),
     ("iterations=many", "config key 'iterations'"),
     ("algo.estimator.estimator=gae", "needs a critic"),
-    ("algo.estimator.estimator=prime", "does not compute yet"),
+    ("algo.estimator.estimator=igpo", "does not compute yet"),
     ("rollout.group_size=1", "rollout.group_size >= 2"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, override: str, needle: str) -> None:

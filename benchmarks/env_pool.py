@@ -10,6 +10,9 @@ The 1-process baseline is ``LocalEnvPool`` (same loop, envs in this process), me
 OpenCV's default thread pool (which already spreads ChainOfFocus's canvas drawing over the
 cores) and with one thread, as each pool worker runs. Resets (drawing a 1-2k px canvas)
 dominate the cost; a zoom step is well under a millisecond.
+
+With the embedded model generating the replies (episodes/s of whole ``collect`` calls, local
+envs vs the pool, and the share of time spent waiting on envs): ``benchmarks/rollout_pool.py``.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ def main() -> None:
 
     print(f"{ENV_ID} (main job's env kwargs), model {args.model}, {args.collects} collects x {args.tasks} tasks x "
           f"{args.group} episodes per backend, <= {args.max_new_tokens} new tokens/turn, temperature 1")
-    print(f"torch threads {threads} ({'--threads' if args.threads is not None else "torch's default"}), "
+    source = "--threads" if args.threads is not None else "torch's default"
+    print(f"torch threads {threads} ({source}), "
           f"process backend: {args.workers} workers, cpu_count {os.cpu_count()}")
     print(f"{'backend':<9} {'episodes':>8} {'total s':>8} {'episodes/s':>10} {'generate s':>10} {'rest s':>8} "
           f"{'env wait':>8} {'turns/ep':>8} {'success':>7}")

@@ -8,7 +8,7 @@ bad combinations with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from mmgym.algos import SAMPLERS, EstimatorConfig, LossConfig, PrimeConfig, PrimeEstimatorConfig, TokenWeightConfig
 
@@ -104,12 +104,52 @@ class RolloutSection:
     tool_schemas: bool = False
     """Pass the env's tool schemas to the chat template; the default recipe turns this off
     (the task text says how to zoom, and the tiny model's context is better spent on images)."""
+    backend: str = "hf"
+    """What samples the RL rollouts (``BACKENDS``): ``hf``, the learner itself (transformers);
+    ``vllm``, a vLLM engine (extra ``vllm``, CUDA) built on the configured model folder,
+    into which the learner's weights (LoRA merged) are pushed before the first rollout and
+    after every update (logged as ``rollout/sync_s``). Demonstrations and evaluation stay
+    on the learner."""
+    recompute_old_logprobs: bool | None = None
+    """Replace the sampler's log-probs by the learner's (one no-grad forward per batch,
+    before the update) as pi_old of the PPO ratio, so the ratio starts at 1 and measures
+    only the update, not the sampler's numerics; logs their mean absolute difference as
+    ``rollout/logprob_gap``. False: the ratio divides by the sampler's own log-probs.
+    None: True with ``backend=vllm``, False with ``hf`` (the same model and kernels)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM only: fraction of the GPU's memory the engine may take (weights + KV cache);
+    leave the rest to the learner when both share a GPU."""
+    tensor_parallel_size: int = 1
+    """vLLM only: GPUs the engine shards the model over."""
+    enforce_eager: bool = False
+    """vLLM only: no CUDA graphs (slower decoding, faster start, less memory)."""
+    max_images_per_prompt: int = 8
+    """vLLM only: images one context may hold (vLLM's ``limit_mm_per_prompt``): the first
+    view plus one per tool result, so at least the env's ``max_turns``."""
+
+    BACKENDS: ClassVar[tuple[str, ...]] = ("hf", "vllm")
+
+    @property
+    def recomputes_old_logprobs(self) -> bool:
+        """``recompute_old_logprobs`` with its default resolved."""
+        if self.recompute_old_logprobs is None:
+            return self.backend == "vllm"
+        return self.recompute_old_logprobs
 
     def __post_init__(self) -> None:
         if self.tasks_per_iter < 1 or self.group_size < 1:
             raise ValueError("rollout.tasks_per_iter and rollout.group_size must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 for RL sampling, got {self.temperature}")
+        if self.backend not in self.BACKENDS:
+            raise ValueError(f"unknown rollout.backend {self.backend!r}; choose one of: {', '.join(self.BACKENDS)}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"rollout.gpu_memory_utilization is a fraction of the GPU's memory: it must lie in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_images_per_prompt < 1:
+            raise ValueError(f"rollout.max_images_per_prompt must be >= 1, got {self.max_images_per_prompt}")
 
 
 @dataclass(frozen=True)

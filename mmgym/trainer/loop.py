@@ -5,7 +5,8 @@ Each stage is a named method; the estimator, policy loss, aggregation, task samp
 token weighting come from the algorithms' registries by name (``_TW_NEEDS`` only says
 which inputs each built-in weighting reads). One estimator needs a model of its own:
 ``prime`` reads dense rewards from an online-trained PRM (``mmgym.trainer.prime``), which
-``learn`` steps and scores around ``estimate``.
+``learn`` steps and scores around ``estimate``. With ``rollout.backend=vllm`` a vLLM
+engine samples the rollouts and the learner's weights are pushed into it after each update.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from mmgym.agents import HFPolicy, RolloutCollector, RolloutSettings, SamplingParams
 from mmgym.agents.tokens import action_positions
+from mmgym.agents.vllm_backend import VLLMPolicy  # imports vLLM only when one is built
 from mmgym.algos import (
     POLICY_LOSSES,
     SAMPLERS,
@@ -38,7 +40,7 @@ from mmgym.algos import (
 )
 from mmgym.core import RolloutBatch, Trajectory, from_dict
 from mmgym.trainer import distributed as dist_utils
-from mmgym.trainer.common import DemonstrationPolicy, build_policy, episode_summary, evaluate, select_rows
+from mmgym.trainer.common import DemonstrationPolicy, build_policy, episode_summary, evaluate, model_dir, select_rows
 from mmgym.trainer.config import TrainConfig
 from mmgym.trainer.prime import ImplicitPRM
 from mmgym.trainer.run_dir import RunDir
@@ -90,6 +92,7 @@ class Trainer:
         self.state = TrainState()
         ckpt = run.latest_checkpoint()
         self.policy: HFPolicy = build_policy(cfg, ckpt / "model" if ckpt else None)
+        self.rollout_policy: HFPolicy | VLLMPolicy = self._build_rollout_policy()
         self._seed_everything(cfg.seed + 1000 * self.rank)
         self.sampler = SAMPLERS.get(cfg.algo.sampler)(cfg.algo.task_pool)
         self.rng = np.random.default_rng([cfg.seed, self.rank])
@@ -108,6 +111,31 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+    def _build_rollout_policy(self) -> HFPolicy | VLLMPolicy:
+        """What samples the RL rollouts: the learner (``rollout.backend=hf``), or a vLLM
+        engine on the configured model folder (``vllm``; built here, so a missing vLLM or GPU
+        fails before any warm start). The engine's weights are the folder's until
+        ``sync_rollout`` pushes the learner's (at the start of RL: after a warm start, a
+        resume or with LoRA they differ)."""
+        r = self.cfg.rollout
+        if r.backend == "hf":
+            return self.policy
+        return VLLMPolicy(model_dir(self.cfg.model.path), learner=self.policy, max_context=self.cfg.model.max_context,
+                          gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
+                          enforce_eager=r.enforce_eager, max_images_per_prompt=r.max_images_per_prompt,
+                          seed=self.cfg.seed + 1000 * self.rank)
+
+    def sync_rollout(self) -> dict[str, float]:
+        """Push the learner's weights (LoRA merged) into the vLLM engine; ``rollout/sync_s``
+        is the wall time, including the GPU copies. Nothing to do (``{}``) with ``hf``."""
+        if not isinstance(self.rollout_policy, VLLMPolicy):
+            return {}
+        t0 = time.perf_counter()
+        self.rollout_policy.sync()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the engine's copies are asynchronous
+        return {"rollout/sync_s": time.perf_counter() - t0}
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
@@ -216,7 +244,7 @@ class Trainer:
             sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
             system_prompt=cfg.system_prompt, keep_images=False, tool_schemas=cfg.tool_schemas)
         self.policy.eval()
-        trajs = self.collector.collect(self.policy, seeds=seeds, settings=settings)
+        trajs = self.collector.collect(self.rollout_policy, seeds=seeds, settings=settings)
         return trajs, task_ids
 
     def score(self, trajs: list[Trajectory], task_ids: list[int]) -> tuple[RolloutBatch | None, dict[str, float]]:
@@ -243,6 +271,24 @@ class Trainer:
             if bool(mask.any()):
                 batch = select_rows(batch, mask.nonzero()[:, 0].tolist())
         return batch, metrics
+
+    def refresh_old_logprobs(self, batch: RolloutBatch) -> dict[str, float]:
+        """With ``rollout.recompute_old_logprobs``: overwrite ``batch.old_logprobs`` (B, T),
+        the sampler's, with the learner's, under no_grad, before any update step. pi_old of
+        the PPO ratio is then the learner's own forward at the weights that sampled, so the
+        ratio starts at 1 and its clipping acts on the update's drift only, not on the
+        sampler's numerics (vLLM kernels and precision, top-p renormalisation); verl
+        recomputes ``old_log_prob`` with its actor for the same reason. Logs
+        ``rollout/logprob_gap``: mean |sampler - learner| over the generated tokens whose
+        sampler log-prob is finite (both at the batch's recorded temperature)."""
+        if not self.cfg.rollout.recomputes_old_logprobs:
+            return {}
+        self.policy.eval()
+        with torch.no_grad():
+            learner = self.policy.logprobs(batch).to(batch.old_logprobs.device)
+        gap = _logprob_gap(batch.old_logprobs, learner, batch.action_mask)
+        batch.old_logprobs = learner
+        return {"rollout/logprob_gap": float(gap)}
 
     def estimate(self, batch: RolloutBatch, *, extra: dict[str, Any] | None = None) -> torch.Tensor:
         """(B, T) token advantages from the configured estimator; ``extra`` goes to
@@ -451,6 +497,7 @@ class Trainer:
             self.evaluate(0, "warm_start")
         if self.state.iteration >= cfg.iterations:
             return
+        self.sync_rollout()  # the engine starts from the learner's weights, not the folder's
         pool_kwargs: dict[str, Any] = {"num_workers": cfg.env.workers, "step_timeout_s": cfg.env.step_timeout_s}
         if cfg.env.backend == "ray":
             pool_kwargs["address"] = cfg.env.address
@@ -464,14 +511,7 @@ class Trainer:
             its = tqdm(its, desc="rl", unit="it", initial=self.state.iteration, total=cfg.iterations)
         try:
             for it in its:
-                self._set_lr(self._lr_at(it, cfg.iterations, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule))
-                t0 = time.perf_counter()
-                trajs, task_ids = self.collect(it)
-                t1 = time.perf_counter()
-                batch, metrics = self.score(trajs, task_ids)
-                if batch is not None:
-                    metrics.update(self.learn(batch))
-                metrics.update(collect_s=t1 - t0, update_s=time.perf_counter() - t1, lr=self.optimizer.param_groups[0]["lr"])
+                metrics = self.iteration(it)
                 self.state.iteration = it + 1
                 self.log(it + 1, metrics, "rl")
                 if self.progress:
@@ -484,6 +524,23 @@ class Trainer:
                         self.run.plot()
         finally:
             self.collector.close()
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """One RL iteration: collect -> score -> (learner's old log-probs) -> estimate ->
+        update, then the updated weights go to the rollout engine (vLLM)."""
+        cfg = self.cfg
+        self._set_lr(self._lr_at(it, cfg.iterations, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule))
+        t0 = time.perf_counter()
+        trajs, task_ids = self.collect(it)
+        t1 = time.perf_counter()
+        batch, metrics = self.score(trajs, task_ids)
+        if batch is not None:
+            metrics.update(self.refresh_old_logprobs(batch))
+            metrics.update(self.learn(batch))
+        metrics.update(collect_s=t1 - t0, update_s=time.perf_counter() - t1, lr=self.optimizer.param_groups[0]["lr"])
+        if batch is not None:  # no update, no new weights
+            metrics.update(self.sync_rollout())
+        return metrics
 
     def fit(self) -> dict[str, Any]:
         """Run what is left of the run: warm start, RL, final evaluation."""
@@ -505,6 +562,15 @@ class Trainer:
             self.checkpoint(self.state.iteration)
             return {"run_dir": str(self.run.path), **{f"eval/{k}": v for k, v in final.items()}, **self.state.evals}
         return {"run_dir": str(self.run.path), **self.state.evals}
+
+
+def _logprob_gap(sampler: torch.Tensor, learner: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar mean |sampler - learner| of (B, T) log-probs over ``action_mask`` tokens whose
+    sampler log-prob is finite (vLLM records NaN for a token it returned no log-prob for);
+    0 when there is none."""
+    mask = action_mask.to(sampler.device) & torch.isfinite(sampler)
+    diff = (sampler - learner.to(sampler.device)).abs()
+    return torch.where(mask, diff, torch.zeros((), dtype=diff.dtype)).sum() / mask.sum().clamp(min=1)
 
 
 def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool = True) -> dict[str, Any]:

@@ -94,8 +94,8 @@ def test_weight_sync_changes_vllm_outputs_like_the_learner(gpu_pair):
 
 def test_vllm_glue_on_cpu_with_a_fake_engine(tiny_policy):
     """Prompt building, parameter mapping, output recording and weight loading, with
-    stand-ins for vLLM's objects (the real engine is tested on a GPU above)."""
-    from types import SimpleNamespace
+    stand-ins for vLLM's objects (fake_vllm.py; the real engine is tested on a GPU above)."""
+    from fake_vllm import FakeLLM, fake_output, fake_vllm_module
 
     from mmgym.agents.vllm_backend import VLLMPolicy
 
@@ -104,7 +104,7 @@ def test_vllm_glue_on_cpu_with_a_fake_engine(tiny_policy):
     pol.learner = tiny_policy
     pol.processed_logprobs = False
     pol._bias = {i: -100.0 for i in pol.encoder.suppress_token_ids}
-    pol._vllm = SimpleNamespace(SamplingParams=lambda **kw: kw)
+    pol._vllm = fake_vllm_module()
     rng = np.random.default_rng(0)
     (conv,) = _convs(1, rng)
     state = pol.encoder.sync(conv)
@@ -118,8 +118,7 @@ def test_vllm_glue_on_cpu_with_a_fake_engine(tiny_policy):
     assert pol.logprob_temperature(SamplingParams(temperature=0.7)) == 1.0  # raw log-probs from old vLLM
     vocab = pol.encoder.tokenizer.get_vocab()
     ids = [vocab["<answer>"], vocab["A"], vocab["</answer>"], vocab["<|im_end|>"]]
-    out = SimpleNamespace(token_ids=ids, finish_reason="stop",
-                          logprobs=[{t: SimpleNamespace(logprob=-0.5 * (k + 1))} for k, t in enumerate(ids)])
+    out = fake_output(ids, [-0.5 * (k + 1) for k in range(len(ids))])
     g = pol._record(state, out, SamplingParams())
     assert g.text == "<answer>A</answer>" and g.token_ids == ids and g.logprobs == [-0.5, -1.0, -1.5, -2.0]
     assert g.finish_reason == "stop" and state.pending is not None and state.pending.ended
@@ -129,10 +128,6 @@ def test_vllm_glue_on_cpu_with_a_fake_engine(tiny_policy):
     assert [s.kind for s in state.segments] == ["prompt", "gen", "close", "obs"]
     assert len(pol._prompt(state)["multi_modal_data"]["image"]) == 2
 
-    loaded, resets = [], []
-    model = SimpleNamespace(load_weights=lambda weights: loaded.extend(weights))
-    worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
-    pol.llm = SimpleNamespace(llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker)),
-                              reset_prefix_cache=lambda: resets.append(1))
+    pol.llm = FakeLLM()
     pol.sync()
-    assert {k for k, _ in loaded} == set(tiny_policy.model.state_dict()) and resets == [1]
+    assert set(pol.llm.pushes[0]) == set(tiny_policy.model.state_dict()) and pol.llm.resets == 1

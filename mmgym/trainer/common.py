@@ -50,7 +50,22 @@ def build_policy(cfg: TrainConfig, model_path: str | Path | None = None) -> HFPo
     """The policy to train: ``model_path`` (a checkpoint) or ``cfg.model.path`` or the embedded tiny model."""
     path = model_path if model_path is not None else model_dir(cfg.model.path)
     lora = LoraSettings(r=cfg.model.lora_rank) if cfg.model.lora else None
-    return HFPolicy(path, lora=lora, max_context=cfg.model.max_context)
+    return HFPolicy(path, lora=lora, max_context=cfg.model.max_context, device=learner_device(cfg.model.device))
+
+
+def learner_device(name: str) -> str:
+    """``auto``: this rank's CUDA device (``LOCAL_RANK``) when CUDA is available, else ``cpu``."""
+    import os
+
+    import torch
+
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"model.device={name!r} but torch sees no CUDA device; use model.device=cpu or auto")
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cpu"
 
 
 class DemonstrationPolicy:

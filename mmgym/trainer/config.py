@@ -89,6 +89,9 @@ class ModelSection:
     lora_rank: int = 8
     max_context: int | None = None
     """Context length in tokens (default: the model's own)."""
+    device: str = "auto"
+    """Learner device: ``auto`` (the local rank's CUDA device when there is one, else the
+    CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
 
 
 @dataclass(frozen=True)

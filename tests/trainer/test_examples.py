@@ -33,3 +33,15 @@ def test_defaults_are_the_main_job_example() -> None:
     a, b = to_dict(main), to_dict(default)
     a["env"].pop("kwargs"), b["env"].pop("kwargs")
     assert a == b
+
+
+def test_learner_device_resolution() -> None:
+    import torch
+
+    from mmgym.trainer.common import learner_device
+
+    assert learner_device("cpu") == "cpu"
+    assert learner_device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            learner_device("cuda:1")

@@ -5,6 +5,10 @@ with 50 % random zooms, a fixed budget) and copies the resulting model folder to
 mmgym/assets/tiny_qwen2_5_vl_focus_warm. Deterministic for a given seed and machine.
 
     python scripts/build_warm_start.py [--out-root runs] [key=value ...]
+
+The shipped copy was built in two stages (see its warm_start.json): first from
+``embedded:base`` on the first view with grid lines and digits (600 steps, lr 5e-4), then
+``model.path=<stage 1 run> sft.steps=1200`` on the default view (tinted grid cells).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ ends only its own episode, with ``termination_reason="env_error"``,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -245,24 +245,37 @@ class RolloutCollector:
             self.pool.close()
 
 
+def _generate_steps(policy: Policy, active: list[EpisodeSlot], s: RolloutSettings, call: int,
+                    stats: dict[str, float]) -> list[tuple[EpisodeSlot, Generation]]:
+    """One policy call for ``active``; episodes whose generation failed or ran out of budget
+    end here, the others come back paired with their generation, to be stepped."""
+    ready = []
+    for sl, gen in zip(active, _generate(policy, active, s, call, stats)):
+        stats["generated_tokens"] += len(gen.token_ids)
+        if gen.finish_reason in ("error", "budget"):
+            _end_without_step(sl, gen)
+        else:
+            ready.append((sl, gen))
+    return ready
+
+
+def _turns(policy: Policy, slots: list[EpisodeSlot], s: RolloutSettings,
+           stats: dict[str, float]) -> Iterator[list[tuple[EpisodeSlot, Generation]]]:
+    """Until every episode is done: one policy call per turn, yielding what to step."""
+    call = 0
+    while active := [sl for sl in slots if not sl.done]:
+        yield _generate_steps(policy, active, s, call, stats)
+        call += 1
+
+
 def play(policy: Policy, slots: list[EpisodeSlot], runners: Sequence[GroupRunner], s: RolloutSettings,
          *, stats: dict[str, float] | None = None) -> list[Trajectory]:
     """Run ``slots`` (already reset) to the end; see the module docstring."""
     stats = {} if stats is None else stats
     stats.update(policy_calls=0, generated_tokens=0, turns=0)
-    call = 0
-    while True:
-        active = [sl for sl in slots if not sl.done]
-        if not active:
-            break
-        gens = _generate(policy, active, s, call, stats)
-        call += 1
+    for ready in _turns(policy, slots, s, stats):
         by_group: dict[int, dict[int, tuple[EpisodeSlot, Generation]]] = {}
-        for sl, gen in zip(active, gens):
-            stats["generated_tokens"] += len(gen.token_ids)
-            if gen.finish_reason in ("error", "budget"):
-                _end_without_step(sl, gen)
-                continue
+        for sl, gen in ready:
             by_group.setdefault(sl.group, {})[sl.index] = (sl, gen)
         for g, items in by_group.items():
             results = runners[g].step({i: gen.text for i, (_, gen) in items.items()})
@@ -282,19 +295,9 @@ def play_pool(policy: Policy, slots: list[EpisodeSlot], pool: BasePool, s: Rollo
     """
     stats = {} if stats is None else stats
     stats.update(policy_calls=0, generated_tokens=0, turns=0, env_errors=sum(bool(sl.traj.info.get("env_error")) for sl in slots))
-    call = 0
-    while True:
-        active = [sl for sl in slots if not sl.done]
-        if not active:
-            break
-        gens = _generate(policy, active, s, call, stats)
-        call += 1
+    for ready in _turns(policy, slots, s, stats):
         waiting: dict[int, tuple[EpisodeSlot, Generation]] = {}
-        for sl, gen in zip(active, gens):
-            stats["generated_tokens"] += len(gen.token_ids)
-            if gen.finish_reason in ("error", "budget"):
-                _end_without_step(sl, gen)
-                continue
+        for sl, gen in ready:
             assert sl.env_index is not None
             pool.submit(sl.env_index, gen.text)
             waiting[sl.env_index] = (sl, gen)

@@ -188,16 +188,7 @@ class RolloutCollector:
                 task_index=None if task_indices is None else task_indices[g],
             )
             for i, (obs, info) in enumerate(zip(obs_list, infos)):
-                system = s.system_prompt if s.system_prompt is not None else info.get("system_prompt")
-                tools = list(info.get("tool_schemas") or []) if s.tool_schemas else []
-                conv = Conversation(system=system, tools=tools or None)
-                conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
-                traj = Trajectory(task_id=str(info.get("task_id", "")), group=g)
-                if seeds is not None:
-                    traj.info["seed"] = seeds[g]
-                slot = EpisodeSlot(group=g, index=i, env=runner.envs[i], conv=conv, traj=traj, obs=obs, info=dict(info))
-                conv.meta.update(env=slot.env, obs=obs, info=slot.info)
-                slots.append(slot)
+                slots.append(_start_slot(s, g, i, obs, info, None if seeds is None else seeds[g], env=runner.envs[i]))
         return play(policy, slots, self.runners, s, stats=self.stats)
 
     def _collect_pool(self, policy: Policy, seeds: Sequence[int | None] | None, task_indices: Sequence[int] | None,
@@ -214,27 +205,19 @@ class RolloutCollector:
             options = None if task_index is None else {"task_index": task_index}
             for i in range(G):
                 pool.submit_reset(g * G + i, seed=seed, options=options)
-        resets = dict(_gather(pool, set(range(self.num_tasks * G))))
+        resets = pool.wait(range(self.num_tasks * G))
         slots: list[EpisodeSlot] = []
         for g in range(self.num_tasks):
             for i in range(G):
                 k = g * G + i
                 res = resets[k]
-                obs, info = res.obs or error_observation(), dict(res.info)
-                traj = Trajectory(task_id=str(info.get("task_id", "")), group=g)
-                if seeds is not None:
-                    traj.info["seed"] = seeds[g]
-                if res.error is not None:  # the episode never started
-                    slot = EpisodeSlot(group=g, index=i, env=None, conv=Conversation(), traj=traj, obs=obs, info=info, env_index=k)
-                    _mark_env_error(slot, res)
-                    slots.append(slot)
+                seed = None if seeds is None else seeds[g]
+                if res.error is None:  # no in-process env with a pool: conv.meta["env"] is None
+                    slots.append(_start_slot(s, g, i, res.obs or error_observation(), res.info, seed, env_index=k))
                     continue
-                system = s.system_prompt if s.system_prompt is not None else info.get("system_prompt")
-                tools = list(info.get("tool_schemas") or []) if s.tool_schemas else []
-                conv = Conversation(system=system, tools=tools or None)
-                conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
-                slot = EpisodeSlot(group=g, index=i, env=None, conv=conv, traj=traj, obs=obs, info=info, env_index=k)
-                conv.meta.update(env=None, obs=obs, info=slot.info)  # no in-process env with a pool
+                slot = EpisodeSlot(group=g, index=i, env=None, conv=Conversation(), obs=res.obs or error_observation(), info=dict(res.info),
+                                   traj=_new_trajectory(g, res.info, seed), env_index=k)
+                _mark_env_error(slot, res)  # the episode never started
                 slots.append(slot)
         return play_pool(policy, slots, pool, s, stats=self.stats)
 
@@ -243,6 +226,27 @@ class RolloutCollector:
             r.close()
         if self.pool is not None:
             self.pool.close()
+
+
+def _new_trajectory(group: int, info: dict[str, Any], seed: int | None) -> Trajectory:
+    traj = Trajectory(task_id=str(info.get("task_id", "")), group=group)
+    if seed is not None:
+        traj.info["seed"] = seed
+    return traj
+
+
+def _start_slot(s: RolloutSettings, group: int, index: int, obs: dict[str, Any], info: dict[str, Any], seed: int | None,
+                *, env: gym.Env | None = None, env_index: int | None = None) -> EpisodeSlot:
+    """An episode after its reset: the conversation opened with the first observation (the
+    env's system prompt unless the settings give one; its tool schemas when asked for)."""
+    system = s.system_prompt if s.system_prompt is not None else info.get("system_prompt")
+    tools = list(info.get("tool_schemas") or []) if s.tool_schemas else []
+    conv = Conversation(system=system, tools=tools or None)
+    conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
+    slot = EpisodeSlot(group=group, index=index, env=env, conv=conv, traj=_new_trajectory(group, info, seed), obs=obs,
+                       info=dict(info), env_index=env_index)
+    conv.meta.update(env=env, obs=obs, info=slot.info)
+    return slot
 
 
 def _generate_steps(policy: Policy, active: list[EpisodeSlot], s: RolloutSettings, call: int,
@@ -301,7 +305,7 @@ def play_pool(policy: Policy, slots: list[EpisodeSlot], pool: BasePool, s: Rollo
             assert sl.env_index is not None
             pool.submit(sl.env_index, gen.text)
             waiting[sl.env_index] = (sl, gen)
-        for k, res in _gather(pool, set(waiting)):
+        for k, res in pool.wait(waiting).items():  # in arrival order
             sl, gen = waiting[k]
             _record_step(sl, gen, res, s)
             stats["turns"] += 1
@@ -329,24 +333,6 @@ def _finish_all(policy: Policy, slots: list[EpisodeSlot], s: RolloutSettings) ->
     for sl in slots:
         _finish(sl, temperature)
     return [sl.traj for sl in slots]
-
-
-def _gather(pool: BasePool, want: set[int]) -> list[tuple[int, PoolResult]]:
-    """Poll ``pool`` until a result for every env in ``want`` came (every request has a
-    deadline, so this ends); results in arrival order."""
-    want = set(want)
-    out: list[tuple[int, PoolResult]] = []
-    while want:
-        got = pool.poll(timeout=None)
-        if not got and not pool.pending():
-            raise RuntimeError(f"the env pool has nothing in flight, but results for envs {sorted(want)} never came")
-        for k, res in got:
-            if k not in want:
-                logger.warning("env pool: dropped an unexpected %s result for env %d", res.op, k)
-                continue
-            want.discard(k)
-            out.append((k, res))
-    return out
 
 
 def _drain(pool: BasePool) -> None:

@@ -163,3 +163,14 @@ def test_lost_episode_excluded_and_blocking_call_raises() -> None:
 def test_broken_factory_fails_fast_with_traceback() -> None:
     with pytest.raises(Exception, match="could not build its envs"):
         ProcessEnvPool([functools.partial(make_chaos_env, "mmgym/NoSuchEnv-v0")], start_timeout_s=30)
+
+
+def test_wait_for_an_env_with_nothing_in_flight_raises_instead_of_hanging() -> None:
+    from mmgym.envs.pool import make_pool
+
+    with make_pool("local", "mmgym/ChainOfFocus-v0", 2, env_kwargs={"canvas": (256, 320)}) as pool:
+        pool.submit_reset(0, seed=1)
+        got = pool.wait([0])
+        assert list(got) == [0] and got[0].ok
+        with pytest.raises(RuntimeError, match="nothing is in flight for envs \\[1\\]"):
+            pool.wait([1])

@@ -25,6 +25,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -210,6 +211,12 @@ class BasePool:
         """Number of envs with a request in flight."""
         return sum(1 for ep in self._episodes if ep.pending)
 
+    def wait(self, indices: Iterable[int]) -> dict[int, PoolResult]:
+        """Wait for the results of the requests in flight for envs ``indices`` (bounded: every
+        request has a deadline); ``{env: result}`` in arrival order. Results of other envs
+        stay queued for ``poll``. Raises ``RuntimeError`` for an env with nothing in flight."""
+        return self._collect(set(indices))
+
     def step_many(self, actions: dict[int, str]) -> dict[int, PoolResult]:
         """Step several envs and wait for all of them (bounded by the step timeout and retries)."""
         for i, a in actions.items():
@@ -306,6 +313,9 @@ class BasePool:
             while self._results:
                 r = self._results.popleft()
                 (got.__setitem__(r.env_index, r) if r.env_index in want and r.env_index not in got else keep.append(r))
+            if len(got) < len(want) and not self.pending():
+                self._results.extendleft(reversed(keep))
+                raise RuntimeError(f"nothing is in flight for envs {sorted(want - set(got))}: their results would never come")
         self._results.extendleft(reversed(keep))
         return got
 

@@ -15,6 +15,7 @@ import torch
 from mmgym.agents import Conversation, Generation, HFPolicy, LoraSettings, RolloutCollector, RolloutSettings, SamplingParams
 from mmgym.agents.episodes import write_episode_html, write_index_html
 from mmgym.core import RolloutBatch, Trajectory
+from mmgym.trainer import distributed as dist_utils
 from mmgym.trainer.config import TrainConfig
 
 __all__ = ["model_dir", "build_policy", "DemonstrationPolicy", "select_rows", "evaluate", "episode_summary", "EVAL_CHUNK"]
@@ -51,6 +52,16 @@ def build_policy(cfg: TrainConfig, model_path: str | Path | None = None) -> HFPo
     path = model_path if model_path is not None else model_dir(cfg.model.path)
     lora = LoraSettings(r=cfg.model.lora_rank) if cfg.model.lora else None
     return HFPolicy(path, lora=lora, max_context=cfg.model.max_context, device=learner_device(cfg.model.device))
+
+
+def backward_step(policy: HFPolicy, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """``loss.backward()``, gradients averaged over data-parallel ranks, the trainable
+    parameters' norm clipped to ``grad_clip``, one optimizer step (the caller zeroed the
+    gradients and checked that ``loss`` is finite)."""
+    loss.backward()
+    dist_utils.average_gradients(policy.model)
+    torch.nn.utils.clip_grad_norm_(list(policy.parameters()), grad_clip)
+    optimizer.step()
 
 
 def learner_device(name: str) -> str:

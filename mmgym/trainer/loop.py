@@ -40,7 +40,7 @@ from mmgym.algos import (
 )
 from mmgym.core import RolloutBatch, Trajectory, from_dict
 from mmgym.trainer import distributed as dist_utils
-from mmgym.trainer.common import DemonstrationPolicy, build_policy, episode_summary, evaluate, model_dir, select_rows
+from mmgym.trainer.common import DemonstrationPolicy, backward_step, build_policy, episode_summary, evaluate, model_dir, select_rows
 from mmgym.trainer.config import TrainConfig
 from mmgym.trainer.prime import ImplicitPRM
 from mmgym.trainer.run_dir import RunDir
@@ -471,10 +471,7 @@ class Trainer:
                 raise TrainingDiverged(f"{self.state.bad_updates} non-finite losses in a row; the last good checkpoint is in {self.run.ckpt_root}")
             return False
         self.state.bad_updates = 0
-        loss.backward()
-        dist_utils.average_gradients(self.policy.model)
-        torch.nn.utils.clip_grad_norm_([p for p in self.policy.model.parameters() if p.requires_grad], self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        backward_step(self.policy, self.optimizer, loss, self.cfg.optim.grad_clip)
         return True
 
     # ------------------------------------------------------------------ evaluation & driver

@@ -24,8 +24,7 @@ import torch
 from mmgym.agents import HFPolicy
 from mmgym.algos import implicit_process_rewards, prime_prm_loss
 from mmgym.core import RolloutBatch
-from mmgym.trainer import distributed as dist_utils
-from mmgym.trainer.common import select_rows
+from mmgym.trainer.common import backward_step, select_rows
 from mmgym.trainer.config import PrimeSection
 
 __all__ = ["ImplicitPRM"]
@@ -88,10 +87,7 @@ class ImplicitPRM:
         if not torch.isfinite(loss):
             log.warning("non-finite PRIME PRM loss (%s); PRM step skipped", float(loss))
             return False
-        loss.backward()
-        dist_utils.average_gradients(self.model.model)
-        torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), self.cfg.grad_clip)
-        self.optimizer.step()
+        backward_step(self.model, self.optimizer, loss, self.cfg.grad_clip)
         return True
 
     def process_rewards(self, batch: RolloutBatch, ref_logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -4,6 +4,7 @@ row selection of a ``RolloutBatch``."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -66,10 +67,6 @@ def backward_step(policy: HFPolicy, optimizer: torch.optim.Optimizer, loss: torc
 
 def learner_device(name: str) -> str:
     """``auto``: this rank's CUDA device (``LOCAL_RANK``) when CUDA is available, else ``cpu``."""
-    import os
-
-    import torch
-
     if name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"model.device={name!r} but torch sees no CUDA device; use model.device=cpu or auto")

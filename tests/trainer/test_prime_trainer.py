@@ -22,16 +22,9 @@ from mmgym.trainer.prime import ImplicitPRM
 from mmgym.trainer.run_dir import RunDir
 
 # The embedded warm start, no SFT, one held-out episode, 2 tasks x 2 episodes per iteration.
-TINY = [
-    "model.path=embedded:focus_warm", "rollout.tasks_per_iter=2", "rollout.group_size=2",
-    "rollout.max_new_tokens=24", "env.eval_episodes=1", "env.eval_every=0", "sample_episodes=0",
-    "checkpoint_every=1", "algo.minibatch_size=4", "threads=1", "algo.estimator.estimator=prime",
-]
+PRIME = ("checkpoint_every=1", "algo.estimator.estimator=prime")  # on top of conftest.IN_PROCESS_TINY
 PRIME_KEYS = {"prime/loss", "prime/acc", "prime/logit_mean", "prime/reward_mean"}
 
-
-def _cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, overrides=[*TINY, f"out_root={tmp_path}", *overrides])
 
 
 def _record_order(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -61,9 +54,9 @@ def _state(policy: HFPolicy) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def before_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Trainer, list[dict], list[str]]]:
+def before_run(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Iterator[tuple[Trainer, list[dict], list[str]]]:
     """Two iterations with the default ``update=before`` (and the KL term on)."""
-    cfg = _cfg(tmp_path_factory.mktemp("prime"), "iterations=2")
+    cfg = tiny_config(tmp_path_factory.mktemp("prime"), *PRIME, "iterations=2")
     yield _run(cfg, "before")
 
 
@@ -133,9 +126,9 @@ def test_prm_trained_reference_frozen_at_the_warm_start(before_run) -> None:
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(tr.prm.model.model.parameters(), tr.policy.model.parameters()))
 
 
-def test_update_after_scores_with_the_prm_before_its_step(tmp_path: Path) -> None:
+def test_update_after_scores_with_the_prm_before_its_step(tmp_path: Path, tiny_config) -> None:
     # kl_coef 0: the reference forward runs for PRIME alone
-    cfg = _cfg(tmp_path, "iterations=1", "algo.prime.update=after", "algo.loss.kl_coef=0")
+    cfg = tiny_config(tmp_path, *PRIME, "iterations=1", "algo.prime.update=after", "algo.loss.kl_coef=0")
     tr, rl, calls = _run(cfg, "after")
     assert calls == ["process_rewards", "update", "step"]
     (row,) = rl

@@ -23,16 +23,9 @@ from mmgym.trainer.run_dir import RunDir
 
 # No warm start (the embedded model is already warm-started), no evaluation beyond one
 # episode, one RL iteration of 2 tasks x 2 episodes.
-TINY = [
-    "model.path=embedded:focus_warm", "iterations=1", "rollout.tasks_per_iter=2", "rollout.group_size=2",
-    "rollout.max_new_tokens=24", "env.eval_episodes=1", "env.eval_every=0", "sample_episodes=0",
-    "checkpoint_every=1", "algo.minibatch_size=4", "threads=1",
-]
+ONE_ITERATION = ("iterations=1", "checkpoint_every=1")  # on top of conftest.IN_PROCESS_TINY
 NAMES = ["delta_logp", "fipo", "none", "tor", "vppo"]
 
-
-def _cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, overrides=[*TINY, f"out_root={tmp_path}", *overrides])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -50,10 +43,10 @@ def test_config_rejects_an_unknown_weighting_with_the_choices() -> None:
 
 
 @pytest.mark.parametrize("name,kl,extra", [("delta_logp", 0.0, 1.0), ("fipo", 0.01, 0.0), ("tor", 0.01, 0.0), ("vppo", 0.01, 2.0)])
-def test_tiny_run_logs_finite_token_weight_metrics(tmp_path: Path, name: str, kl: float, extra: float) -> None:
+def test_tiny_run_logs_finite_token_weight_metrics(tmp_path: Path, tiny_config, name: str, kl: float, extra: float) -> None:
     # delta_logp with kl_coef 0: the reference forward runs for the weighting alone (+1);
     # vppo: the forwards with and without the images (+2)
-    cfg = _cfg(tmp_path, f"algo.token_weights.name={name}", f"algo.loss.kl_coef={kl}", f"run_name={name}")
+    cfg = tiny_config(tmp_path, *ONE_ITERATION, f"algo.token_weights.name={name}", f"algo.loss.kl_coef={kl}", f"run_name={name}")
     train(cfg, progress=False)
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     rl = [r for r in rows if r["phase"] == "rl"]
@@ -70,11 +63,11 @@ def test_tiny_run_logs_finite_token_weight_metrics(tmp_path: Path, name: str, kl
 
 
 @pytest.fixture(scope="module")
-def trainer_and_batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Trainer, RolloutBatch, list[Trajectory]]]:
+def trainer_and_batch(tmp_path_factory: pytest.TempPathFactory, tiny_config) -> Iterator[tuple[Trainer, RolloutBatch, list[Trajectory]]]:
     """A trainer on the embedded model, one collected batch (kl_coef 0: no reference) and
     the trajectories of its rows."""
     tmp = tmp_path_factory.mktemp("tw")
-    cfg = _cfg(tmp, "algo.loss.kl_coef=0", "algo.token_weights.name=fipo")
+    cfg = tiny_config(tmp, *ONE_ITERATION, "algo.loss.kl_coef=0", "algo.token_weights.name=fipo")
     tr = Trainer(cfg, RunDir.create(tmp / "run", cfg), progress=False)
     tr.collector = RolloutCollector(cfg.env.id, num_tasks=2, group_size=2, env_kwargs=tr.env_kwargs)
     try:

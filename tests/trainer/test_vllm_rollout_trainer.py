@@ -24,11 +24,7 @@ from mmgym.trainer.run_dir import RunDir
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 # The embedded warm start, no SFT, one evaluation episode, 2 iterations of 2 tasks x 2.
-TINY = [
-    "model.path=embedded:focus_warm", "iterations=2", "rollout.tasks_per_iter=2", "rollout.group_size=2",
-    "rollout.max_new_tokens=24", "env.eval_episodes=1", "env.eval_every=0", "sample_episodes=0",
-    "checkpoint_every=2", "algo.minibatch_size=4", "threads=1", "rollout.backend=vllm",
-]
+VLLM = ("iterations=2", "checkpoint_every=2", "rollout.backend=vllm")  # on top of conftest.IN_PROCESS_TINY
 
 
 def _fake_vllm() -> ModuleType:
@@ -41,9 +37,6 @@ def _fake_vllm() -> ModuleType:
         spec.loader.exec_module(mod)
     return sys.modules["fake_vllm"]
 
-
-def _cfg(tmp_path: Path, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, overrides=[*TINY, f"out_root={tmp_path}", *overrides])
 
 
 def test_config_rejects_an_unknown_backend_naming_the_choices() -> None:
@@ -61,8 +54,8 @@ def test_config_rejects_an_unknown_backend_naming_the_choices() -> None:
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
-def test_missing_vllm_fails_when_the_trainer_is_built_naming_the_extra(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path)
+def test_missing_vllm_fails_when_the_trainer_is_built_naming_the_extra(tmp_path: Path, tiny_config) -> None:
+    cfg = tiny_config(tmp_path, *VLLM)
     with pytest.raises(ImportError, match=r"pip install 'mmgym\[vllm\]'"):
         Trainer(cfg, RunDir.create(tmp_path / "run", cfg), progress=False)
 
@@ -76,11 +69,11 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_tiny_vllm_run_samples_with_the_engine_and_pushes_weights_after_each_update(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_config) -> None:
     fake = _fake_vllm()
     module = fake.fake_vllm_module()
     monkeypatch.setattr(vllm_backend, "import_vllm", lambda: module)
-    cfg = _cfg(tmp_path, "run_name=vllm", "rollout.gpu_memory_utilization=0.3", "rollout.max_images_per_prompt=3")
+    cfg = tiny_config(tmp_path, *VLLM, "run_name=vllm", "rollout.gpu_memory_utilization=0.3", "rollout.max_images_per_prompt=3")
     tr = Trainer(cfg, RunDir.create(tmp_path / "vllm", cfg), progress=False)
     (engine,) = module.engines
     assert engine.kwargs["gpu_memory_utilization"] == 0.3 and engine.kwargs["limit_mm_per_prompt"] == {"image": 3}

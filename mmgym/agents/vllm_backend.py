@@ -145,8 +145,8 @@ class VLLMPolicy:
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Training log-probs come from the learner (``HFPolicy``) this policy samples for."""
         if self.learner is None:
-            raise NotImplementedError("VLLMPolicy only samples: build it with learner=HFPolicy(...) "
-                                      "or call the learner's logprobs(batch)")
+            raise RuntimeError("VLLMPolicy only samples: build it with learner=HFPolicy(...) "
+                               "or call the learner's logprobs(batch)")
         return self.learner.logprobs(batch)
 
     def logprob_temperature(self, sampling: SamplingParams) -> float:

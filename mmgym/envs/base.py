@@ -118,8 +118,9 @@ class MMEnv(gym.Env[dict, str]):
 
     # ------------------------------------------------------------------ hooks
     def sample_task(self, rng: np.random.Generator, index: int | None) -> Task:
-        """Draw a task with ``rng`` (never a global RNG); ``index`` selects a fixed task."""
-        raise NotImplementedError
+        """Draw a task with ``rng`` (never a global RNG); ``index`` selects a fixed task.
+        Every subclass writes this (see the README's custom-env example)."""
+        raise NotImplementedError(f"{type(self).__name__} must define sample_task(rng, index) -> Task")
 
     def make_tools(self) -> list[Tool]:
         """The tools of this env (stateless objects; per-episode state comes from ``tool_state``)."""
@@ -133,7 +134,8 @@ class MMEnv(gym.Env[dict, str]):
         return ToolResult(text=task.prompt, images=task.images, frames=task.frames, frame_times=task.frame_times)
 
     def verify(self, task: Any, answer: str) -> Verdict:
-        raise NotImplementedError
+        """Score the final ``answer`` of ``task``. Every subclass that takes answers writes this."""
+        raise NotImplementedError(f"{type(self).__name__} must define verify(task, answer) -> Verdict")
 
     def turn_terms(self, calls: list[ToolCall], results: list[ToolResult]) -> dict[str, float]:
         """Turn-level reward terms earned by this turn's tool calls (default: none)."""
@@ -151,8 +153,9 @@ class MMEnv(gym.Env[dict, str]):
         return "goal"
 
     def oracle_action(self) -> str:
-        """The reply a perfect agent gives now (may read the ground truth)."""
-        raise NotImplementedError
+        """The reply a perfect agent gives now (may read the ground truth). Optional: the
+        oracle agent, demonstrations and ``check_mm_env``'s oracle run need it."""
+        raise NotImplementedError(f"{type(self).__name__} has no oracle: define oracle_action() -> str")
 
     def num_tasks(self) -> int | None:
         """Number of fixed tasks (dataset rows), or ``None`` for an unbounded generator."""

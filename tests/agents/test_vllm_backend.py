@@ -131,3 +131,12 @@ def test_vllm_glue_on_cpu_with_a_fake_engine(tiny_policy):
     pol.llm = FakeLLM()
     pol.sync()
     assert set(pol.llm.pushes[0]) == set(tiny_policy.model.state_dict()) and pol.llm.resets == 1
+
+
+def test_logprobs_without_a_learner_is_a_usage_error() -> None:
+    from mmgym.agents.vllm_backend import VLLMPolicy
+
+    pol = VLLMPolicy.__new__(VLLMPolicy)
+    pol.learner = None
+    with pytest.raises(RuntimeError, match=r"VLLMPolicy only samples: build it with learner=HFPolicy"):
+        pol.logprobs(None)

@@ -130,11 +130,15 @@ class BasePool:
         self._closed = False
 
     # ------------------------------------------------------------ backend hooks
+    # A backend (LocalEnvPool, ProcessEnvPool, RayEnvPool) defines the transport:
+    # _start, _send, _recv and _kill; everything else is shared here.
     def _start(self, w: int) -> None:
-        raise NotImplementedError
+        """Start (or restart) worker ``w`` with its envs."""
+        raise NotImplementedError(f"{type(self).__name__} must define the transport hook _start(worker)")
 
     def _send(self, w: int, req: _Request) -> None:
-        raise NotImplementedError
+        """Send ``req`` to worker ``w``."""
+        raise NotImplementedError(f"{type(self).__name__} must define the transport hook _send(worker, request)")
 
     def _wait_all_ready(self, *, what: str = "workers", hint: str = "") -> None:
         """Block until every worker has built its envs (bounded by ``start_timeout_s``)."""
@@ -151,10 +155,11 @@ class BasePool:
 
     def _recv(self, timeout: float) -> list[tuple[int, int | None, str, Any]]:
         """Replies ``(worker, req_id, status, value)``; status ok | raise | ready | fatal | dead."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define the transport hook _recv(timeout)")
 
     def _kill(self, w: int) -> None:
-        raise NotImplementedError
+        """Stop worker ``w`` (it may already be dead)."""
+        raise NotImplementedError(f"{type(self).__name__} must define the transport hook _kill(worker)")
 
     def _decode(self, w: int, obs: Any) -> Any:
         return obs

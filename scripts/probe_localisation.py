@@ -1,0 +1,220 @@
+"""Probe: can a model learn *where to look* on ChainOfFocus, with plain supervision?
+
+Trains the first turn only (first view + question -> the oracle's ``zoom(region=k)`` call)
+on freshly generated procedural tasks, and reports the greedy zoom hit rate (``hit``) on the
+held-out evaluation tasks (``task_index`` 0..N-1, the trainer's eval set) as it goes.
+This isolates localisation from reading: if supervision cannot teach it within a budget,
+RL from a zoom reward will not either. Region zoom only.
+
+``--target answer`` is the leak check instead: the same first turn trained to answer at
+once (``<answer>option</answer>``, no zoom); its held-out accuracy should stay at chance
+(0.25) if the first view really hides the answer.
+
+    python scripts/probe_localisation.py --steps 600 --set view_size=224 --out /tmp/probe.json
+
+``--target features`` probes the frozen vision tower instead: a linear and a small MLP
+scorer over the merged image tokens, trained to pick the token holding the marker (needs a
+square view whose grid cells are whole tokens, e.g. ``--set canvas=[1400,1400]`` at view
+112 and grid 4). High accuracy there and chance above says the vision features know where
+the marker is and the language model does not learn to read it out.
+
+``--set key=value`` overrides the default recipe's env kwargs (values parsed as YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+
+def _env(kwargs: dict[str, Any]) -> Any:
+    import gymnasium as gym
+
+    import mmgym  # noqa: F401  (registers the envs)
+
+    return gym.make("mmgym/ChainOfFocus-v0", **kwargs).unwrapped
+
+
+def _tasks(args: tuple[dict[str, Any], list[int], bool, str]) -> list[tuple[np.ndarray, str, Any]]:
+    kwargs, keys, held_out, kind = args
+    env = _env(kwargs)
+    out = []
+    for k in keys:
+        opts = {"task_index": k} if held_out else None
+        obs, _ = env.reset(seed=None if held_out else k, options=opts)
+        target = env.task.options[env.task.correct] if kind == "answer" else env.oracle_region(0)
+        out.append((obs["images"][0], obs["text"], target))
+    return out
+
+
+def make_tasks(kwargs: dict[str, Any], keys: list[int], held_out: bool, workers: int, kind: str) -> list[tuple[np.ndarray, str, Any]]:
+    chunks = [keys[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers) as ex:
+        parts = list(ex.map(_tasks, [(kwargs, c, held_out, kind) for c in chunks]))
+    return [t for p in parts for t in p]
+
+
+def feature_probe(model: Any, proc: Any, train: list, held: list, steps: int, grid: int) -> dict[str, float]:
+    """Held-out accuracy of picking the marker's token from frozen merged image features."""
+    import torch
+
+    def feats(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = []
+        with torch.no_grad():
+            for view, _, _ in items:
+                enc = proc.image_processor(images=[view], return_tensors="pt")
+                out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
+                xs.append((out.pooler_output if hasattr(out, "pooler_output") else out)[0])
+        if any(len(x) != grid * grid for x in xs):
+            raise SystemExit(f"--target features needs one merged token per grid cell; got {[len(x) for x in xs[:3]]} tokens for {grid * grid} cells")
+        return torch.stack(xs), torch.tensor([k - 1 for _, _, k in items])
+
+    xtr, ytr = feats(train)
+    xte, yte = feats(held)
+    result: dict[str, float] = {}
+    for name, scorer in (("linear", torch.nn.Linear(xtr.shape[-1], 1)),
+                         ("mlp", torch.nn.Sequential(torch.nn.Linear(xtr.shape[-1], 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)))):
+        opt = torch.optim.Adam(scorer.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(scorer(xtr).squeeze(-1), ytr)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            result[f"{name}_token_acc"] = float((scorer(xte).squeeze(-1).argmax(-1) == yte).float().mean())
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded:focus_warm")
+    ap.add_argument("--target", choices=("zoom", "answer", "features"), default="zoom")
+    ap.add_argument("--set", action="append", default=[], help="env kwarg override key=value")
+    ap.add_argument("--train-tasks", type=int, default=4096)
+    ap.add_argument("--eval-tasks", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-last", action="store_true", help="move the image after the question text")
+    ap.add_argument("--save", default=None, help="save the probed model folder here at the end")
+    ap.add_argument("--out", default=None, help="write the curve as JSON here")
+    args = ap.parse_args()
+
+    import torch
+
+    from mmgym.agents import HFPolicy
+    from mmgym.agents.chat import Conversation
+    from mmgym.trainer.common import model_dir
+    from mmgym.trainer.config import _default_env_kwargs
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    kwargs = _default_env_kwargs()
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        kwargs[k] = yaml.safe_load(v)
+    t0 = time.time()
+    train = make_tasks(kwargs, list(range(10**6 + args.seed * 10**5, 10**6 + args.seed * 10**5 + args.train_tasks)), False, args.workers, args.target)
+    held = make_tasks(kwargs, list(range(args.eval_tasks)), True, args.workers, args.target)
+    print(f"tasks: {len(train)} train, {len(held)} held out in {time.time() - t0:.0f}s", flush=True)
+
+    policy = HFPolicy(model_dir(args.model))
+    model, proc = policy.model, policy.processor
+    tok = proc.tokenizer
+    if args.target == "features":
+        result = feature_probe(model, proc, train, held, args.steps, int(kwargs["grid"]))
+        print(result, flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "env_kwargs": kwargs, **result}, indent=2))
+        return
+
+    def render(view: np.ndarray, text: str, action: str | None) -> str:
+        if args.image_last:
+            text = text.replace("<image>\n", "", 1) + "\n<image>"
+        conv = Conversation()
+        conv.add_observation({"text": text, "images": [view], "frames": [], "frame_times": []}, turn=0)
+        if action is not None:
+            conv.add_action(action)
+        return policy.render(conv)
+
+    def call(k: Any) -> str:
+        if args.target == "answer":
+            return f"<answer>{k}</answer>"
+        return f'<tool_call>{{"name": "zoom", "arguments": {{"region": {k}}}}}</tool_call>'
+
+    def read(text: str) -> Any:
+        if args.target == "answer":
+            return text.split("<answer>", 1)[1].split("</answer>", 1)[0].strip()
+        return int(text.split('"region":', 1)[1].split("}", 1)[0])
+
+    def batch_inputs(items: list[tuple[np.ndarray, str, int]], with_target: bool) -> tuple[dict[str, Any], torch.Tensor | None]:
+        texts = [render(v, t, call(k) if with_target else None) for v, t, k in items]
+        tok.padding_side = "right" if with_target else "left"
+        enc = proc(text=texts, images=[[v] for v, _, _ in items], return_tensors="pt", padding=True)
+        if not with_target:
+            return enc, None
+        labels = enc["input_ids"].clone()
+        for i, (v, t, _) in enumerate(items):
+            n = len(proc(text=[render(v, t, None)], images=[[v]], return_tensors="pt")["input_ids"][0])
+            labels[i, :n] = -100
+        labels[enc["attention_mask"] == 0] = -100
+        return enc, labels
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        hits, parsed = 0, 0
+        for lo in range(0, len(held), 50):
+            part = held[lo: lo + 50]
+            enc, _ = batch_inputs(part, False)
+            out = model.generate(**enc, max_new_tokens=24, do_sample=False)
+            for row, (_, _, k) in zip(out[:, enc["input_ids"].shape[1]:], part):
+                text = tok.decode(row, skip_special_tokens=False)
+                try:
+                    got = read(text)
+                    parsed += 1
+                    hits += int(got == k)
+                except (IndexError, ValueError):
+                    pass
+        model.train()
+        return {"hit": hits / len(held), "parsed": parsed / len(held)}
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    curve = [{"step": 0, **evaluate(), "s": round(time.time() - t0, 1)}]
+    print(curve[-1], flush=True)
+    model.train()
+    losses: list[float] = []
+    for step in range(1, args.steps + 1):
+        idx = rng.choice(len(train), size=args.batch, replace=False)
+        enc, labels = batch_inputs([train[i] for i in idx], True)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % args.eval_every == 0 or step == args.steps:
+            curve.append({"step": step, "loss": round(float(np.mean(losses[-args.eval_every:])), 4), **evaluate(),
+                          "s": round(time.time() - t0, 1)})
+            print(curve[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "env_kwargs": kwargs, "curve": curve}, indent=2))
+    if args.save:
+        model.save_pretrained(args.save)
+        proc.save_pretrained(args.save)
+
+
+if __name__ == "__main__":
+    main()

@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-last", action="store_true", help="move the image after the question text")
+    ap.add_argument("--tiles", action="store_true",
+                    help="give the first view as one labelled image per grid cell ('Cell k: <image>'), Set-of-Mark style")
     ap.add_argument("--save", default=None, help="save the probed model folder here at the end")
     ap.add_argument("--out", default=None, help="write the curve as JSON here")
     args = ap.parse_args()
@@ -139,11 +141,25 @@ def main() -> None:
             Path(args.out).write_text(json.dumps({"args": vars(args), "env_kwargs": kwargs, **result}, indent=2))
         return
 
+    grid = int(kwargs["grid"])
+
+    def images_of(view: np.ndarray) -> list[np.ndarray]:
+        if not args.tiles:
+            return [view]
+        from mmgym.tools.zoom import region_box
+
+        h, w = view.shape[:2]
+        return [np.ascontiguousarray(view[y1:y2, x1:x2]) for x1, y1, x2, y2 in
+                (region_box(k, grid, w, h) for k in range(1, grid * grid + 1))]
+
     def render(view: np.ndarray, text: str, action: str | None) -> str:
+        if args.tiles:
+            cells = " ".join(f"Cell {k}: <image>" for k in range(1, grid * grid + 1))
+            text = text.replace("<image>", cells, 1)
         if args.image_last:
             text = text.replace("<image>\n", "", 1) + "\n<image>"
         conv = Conversation()
-        conv.add_observation({"text": text, "images": [view], "frames": [], "frame_times": []}, turn=0)
+        conv.add_observation({"text": text, "images": images_of(view), "frames": [], "frame_times": []}, turn=0)
         if action is not None:
             conv.add_action(action)
         return policy.render(conv)
@@ -161,12 +177,12 @@ def main() -> None:
     def batch_inputs(items: list[tuple[np.ndarray, str, int]], with_target: bool) -> tuple[dict[str, Any], torch.Tensor | None]:
         texts = [render(v, t, call(k) if with_target else None) for v, t, k in items]
         tok.padding_side = "right" if with_target else "left"
-        enc = proc(text=texts, images=[[v] for v, _, _ in items], return_tensors="pt", padding=True)
+        enc = proc(text=texts, images=[images_of(v) for v, _, _ in items], return_tensors="pt", padding=True)
         if not with_target:
             return enc, None
         labels = enc["input_ids"].clone()
         for i, (v, t, _) in enumerate(items):
-            n = len(proc(text=[render(v, t, None)], images=[[v]], return_tensors="pt")["input_ids"][0])
+            n = len(proc(text=[render(v, t, None)], images=[images_of(v)], return_tensors="pt")["input_ids"][0])
             labels[i, :n] = -100
         labels[enc["attention_mask"] == 0] = -100
         return enc, labels

@@ -39,10 +39,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def run_episode(env: Any, agent: Any, *, seed: int | None = None, task_index: int | None = None, keep_images: bool = True, max_steps: int = 1000) -> Trajectory:
-    """Play one episode of ``agent`` (``act(env, obs, info) -> str``) and record it."""
+    """Play one episode of ``agent`` (``act(env, obs, info) -> str``) and record it (with the
+    reset info's ``gold_tool_calls``, when the env gives them, in ``Trajectory.info``)."""
     opts = {"task_index": task_index} if task_index is not None else None
     obs, info = env.reset(seed=seed, options=opts)
     traj = Trajectory(task_id=str(info.get("task_id", "")))
+    if info.get("gold_tool_calls") is not None:
+        traj.info["gold_tool_calls"] = info["gold_tool_calls"]
     pending = (obs, info)
     for t in range(max_steps):
         obs, info = pending

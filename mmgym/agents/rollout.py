@@ -25,6 +25,7 @@ ends only its own episode, with ``termination_reason="env_error"``,
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ from mmgym.agents.tokens import TEMPERATURE_KEY, TokenState
 from mmgym.core import ToolCall, Trajectory, Turn
 from mmgym.envs.pool import BACKENDS, BasePool, PoolResult, error_observation, make_pool
 from mmgym.envs.runner import GroupRunner
+from mmgym.tools.image_stats import visual_entropy
 
 __all__ = ["RolloutSettings", "RolloutCollector", "EpisodeSlot", "collect_rollouts", "play", "play_pool"]
 
@@ -58,6 +60,9 @@ class RolloutSettings:
     tool_schemas: pass the env's tool schemas to the chat template (``tools=``). Off
         saves the template's tool preamble (~180 tokens) when the task text already says
         how to call the tools, as for small models trained on one task.
+    visual_entropy: record ``Trajectory.info["visual_entropy"]``, the grey-level entropy
+        (``mmgym.algos.visual_entropy``) of the first observation's first image, at reset
+        (so it is there with ``keep_images=False``); Durian's difficulty reads it.
     """
 
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -66,6 +71,7 @@ class RolloutSettings:
     tool_result_role: Literal["user", "tool"] = "user"
     keep_images: bool = True
     tool_schemas: bool = True
+    visual_entropy: bool = False
 
     def __post_init__(self) -> None:
         if self.max_turns is not None and self.max_turns < 1:
@@ -229,9 +235,13 @@ class RolloutCollector:
 
 
 def _new_trajectory(group: int, info: dict[str, Any], seed: int | None) -> Trajectory:
+    """The record of an episode just reset: its task id, seed and the reset info's gold
+    tool calls (``MMEnv.gold_tool_calls``; copied, plain JSON data, when the env gives them)."""
     traj = Trajectory(task_id=str(info.get("task_id", "")), group=group)
     if seed is not None:
         traj.info["seed"] = seed
+    if info.get("gold_tool_calls") is not None:
+        traj.info["gold_tool_calls"] = copy.deepcopy(info["gold_tool_calls"])
     return traj
 
 
@@ -245,6 +255,9 @@ def _start_slot(s: RolloutSettings, group: int, index: int, obs: dict[str, Any],
     conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
     slot = EpisodeSlot(group=group, index=index, env=env, conv=conv, traj=_new_trajectory(group, info, seed), obs=obs,
                        info=dict(info), env_index=env_index)
+    images = obs.get("images", ())
+    if s.visual_entropy and len(images):
+        slot.traj.info["visual_entropy"] = visual_entropy(images[0])
     conv.meta.update(env=env, obs=obs, info=slot.info)
     return slot
 

@@ -161,6 +161,13 @@ class MMEnv(gym.Env[dict, str]):
         """Number of fixed tasks (dataset rows), or ``None`` for an unbounded generator."""
         return None
 
+    def gold_tool_calls(self) -> list[list[ToolCall]] | None:
+        """The gold tool calls of the current task, one list per turn that calls tools (in
+        order), or ``None`` (default): this env or task has none. Called once per ``reset``,
+        after the task is drawn; the reset info carries them as ``gold_tool_calls`` (JSON:
+        lists of ``{"name", "arguments"}``) for estimators that match calls, e.g. MatchTIR."""
+        return None
+
     # ------------------------------------------------------------------ gym API
     def _reset_episode_state(self) -> None:
         self._turn = 0
@@ -193,6 +200,9 @@ class MMEnv(gym.Env[dict, str]):
         first = self.initial_observation(self.task)
         obs = self._obs(first.text, first.images, first.frames, first.frame_times, SOURCE_TASK)
         info = {"task_id": self.task.task_id, "tool_schemas": self._schemas, "max_turns": self.max_turns, "state_key": self.state_key()}
+        gold = self.gold_tool_calls()
+        if gold is not None:
+            info["gold_tool_calls"] = [[c.to_json() for c in calls] for calls in gold]
         return obs, info
 
     def step(self, action: str) -> tuple[dict, float, bool, bool, dict]:

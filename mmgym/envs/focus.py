@@ -341,12 +341,24 @@ class ChainOfFocusEnv(MMEnv):
             return self._format_option(int(rng.integers(len(self.task.options))))
         return self.oracle_action()
 
+    def oracle_zoom(self, k: int) -> ToolCall:
+        """The oracle's zoom onto target ``k``: ``zoom(region=...)`` or ``zoom(bbox=...)``."""
+        args = {"region": self.oracle_region(k)} if self.zoom_mode == "region" else {"bbox": self.oracle_box(k)}
+        return ToolCall("zoom", args)
+
     def oracle_action(self) -> str:
         for k in range(len(self.task.boxes)):
             if k not in self._seen and self._turn < self.max_turns - 1:
-                args = {"region": self.oracle_region(k)} if self.zoom_mode == "region" else {"bbox": self.oracle_box(k)}
-                return self.parser.format_call(ToolCall("zoom", args))
+                return self.parser.format_call(self.oracle_zoom(k))
         return self._format_option(self.task.correct)
+
+    def gold_tool_calls(self) -> list[list[ToolCall]] | None:
+        """The oracle's zooms on a fresh episode: one turn per target, as many as leave a
+        turn for the answer (``max_turns - 1``; none with ``max_turns=1``); ``None`` for a task
+        without target boxes."""
+        if not self.task.boxes:
+            return None
+        return [[self.oracle_zoom(k)] for k in range(min(len(self.task.boxes), self.max_turns - 1))]
 
     def _format_option(self, i: int) -> str:
         return self.parser.format_answer(LETTERS[i] if self.answer_format == "letter" else self.task.options[i])

@@ -10,10 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
-from mmgym.algos import SAMPLERS, EstimatorConfig, LossConfig, PrimeConfig, PrimeEstimatorConfig, TokenWeightConfig
+from mmgym.algos import (
+    SAMPLERS,
+    DurianConfig,
+    DurianEstimatorConfig,
+    EstimatorConfig,
+    LossConfig,
+    MatchTIRConfig,
+    MatchTIREstimatorConfig,
+    PrimeConfig,
+    PrimeEstimatorConfig,
+    TokenWeightConfig,
+)
 
-__all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "PrimeSection", "AlgoSection", "OptimSection",
-           "TrainConfig"]
+__all__ = ["EnvSection", "ModelSection", "RolloutSection", "SFTSection", "PrimeSection", "DurianSection", "AlgoSection", "OptimSection",
+           "LearnerSection", "TrainConfig"]
 
 
 def _default_env_kwargs() -> dict[str, Any]:
@@ -207,6 +218,35 @@ class PrimeSection(PrimeConfig):
 
 
 @dataclass(frozen=True)
+class DurianSection(DurianConfig):
+    """Durian's difficulty bins (``algo.estimator.estimator=durian_grpo``; read only then).
+
+    Each episode's difficulty is ``combine_difficulty``: visual_weight * z(visual entropy
+    of the task's first image) - confidence_weight * z(the policy's confidence, the mean
+    log-prob of the episode's sampled tokens), z-scored over the batch; a prompt group's
+    difficulty is its episodes' mean, and groups of similar difficulty share one reward std.
+    Inherited fields: ``num_bins`` (4), ``binning`` ("quantile" | "uniform"), ``edges``
+    (fixed inner edges, overriding both), ``std_mode`` ("pooled" | "total"); see
+    ``mmgym.algos.DurianConfig``. Logged as ``durian/bins`` (bins holding a group),
+    ``durian/difficulty_std`` and ``durian/no_image`` (episodes without a first image).
+    """
+
+    visual_weight: float = 1.0
+    """Weight of the z-scored visual entropy (higher = harder)."""
+    confidence_weight: float = 1.0
+    """Weight of the z-scored policy confidence (higher = easier)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.visual_weight < 0 or self.confidence_weight < 0:
+            raise ValueError(f"algo.durian.visual_weight and confidence_weight must be >= 0, got {self.visual_weight} "
+                             f"and {self.confidence_weight}")
+        if self.visual_weight == 0 and self.confidence_weight == 0:
+            raise ValueError("algo.durian.visual_weight and confidence_weight are both 0: every episode would have the "
+                             "same difficulty; set one > 0 (or use algo.estimator.estimator=grpo)")
+
+
+@dataclass(frozen=True)
 class AlgoSection:
     estimator: EstimatorConfig = field(default_factory=lambda: EstimatorConfig(estimator="mt_grpo"))
     loss: LossConfig = field(default_factory=lambda: LossConfig(kl_coef=0.01, clip_high=0.28))
@@ -227,14 +267,31 @@ class AlgoSection:
     """PRIME's implicit PRM and its reward weights, used when ``estimator.estimator`` is
     ``prime`` (one more trainable model copy and its optimizer; the reference forward runs
     even when ``loss.kl_coef`` is 0)."""
+    matchtir: MatchTIRConfig = field(default_factory=MatchTIRConfig)
+    """MatchTIR's matching and weights, used when ``estimator.estimator`` is ``matchtir``:
+    ``assignment`` ("hard" | "soft"), ``sinkhorn_reg``, ``sinkhorn_iters``, ``gamma`` (of the
+    turn returns), ``traj_weight`` and ``turn_weight`` (``mmgym.algos.MatchTIRConfig``).
+    Each turn's reward is its calls' similarity to the task's gold calls (the env's
+    ``gold_tool_calls``); an episode without gold calls gets the trajectory-level advantage
+    only. Logged as ``matchtir/skipped`` (episodes without gold) and
+    ``matchtir/turn_reward_mean`` (over the turns of episodes with gold)."""
+    durian: DurianSection = field(default_factory=DurianSection)
+    """Durian's difficulty bins, used when ``estimator.estimator`` is ``durian_grpo``."""
 
     @property
     def estimator_config(self) -> EstimatorConfig:
-        """The config the estimator is called with: ``estimator``, carrying ``prime`` when
-        the estimator is ``prime`` (``mmgym.algos.PrimeEstimatorConfig``)."""
-        if self.estimator.estimator != "prime":
-            return self.estimator
-        return PrimeEstimatorConfig(**{f.name: getattr(self.estimator, f.name) for f in fields(self.estimator)}, prime=self.prime)
+        """The config the estimator is called with: ``estimator``, carrying its section when
+        the estimator reads one (``prime``, ``matchtir``, ``durian_grpo``: ``mmgym.algos``'
+        ``PrimeEstimatorConfig``, ``MatchTIREstimatorConfig``, ``DurianEstimatorConfig``)."""
+        base = {f.name: getattr(self.estimator, f.name) for f in fields(self.estimator)}
+        name = self.estimator.estimator
+        if name == "prime":
+            return PrimeEstimatorConfig(**base, prime=self.prime)
+        if name == "matchtir":
+            return MatchTIREstimatorConfig(**base, matchtir=self.matchtir)
+        if name == "durian_grpo":
+            return DurianEstimatorConfig(**base, durian=self.durian)
+        return self.estimator
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.minibatch_size < 1:
@@ -244,10 +301,8 @@ class AlgoSection:
         if self.estimator.estimator in ("gae", "bilevel_gae"):
             raise ValueError(f"algo.estimator.estimator={self.estimator.estimator!r} needs a critic, which this trainer "
                              "does not build yet; use grpo, dr_grpo, rloo, reinforce_pp, gigpo or mt_grpo")
-        needs = {"matchtir": "gold tool calls per task",
-                 "durian_grpo": "a per-sample difficulty", "igpo": "teacher-forced answer log-probs per turn"}
-        if self.estimator.estimator in needs:
-            raise ValueError(f"algo.estimator.estimator={self.estimator.estimator!r} needs {needs[self.estimator.estimator]}, "
+        if self.estimator.estimator == "igpo":
+            raise ValueError("algo.estimator.estimator='igpo' needs teacher-forced answer log-probs per turn, "
                              "which this trainer does not compute yet; its math is in mmgym.algos for your own loop")
         if self.loss.entropy_coef != 0.0:
             raise ValueError("algo.loss.entropy_coef must be 0: the HF backend returns sampled-token log-probs only")
@@ -264,6 +319,27 @@ class OptimSection:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ValueError("optim.lr and optim.grad_clip must be > 0")
+
+
+@dataclass(frozen=True)
+class LearnerSection:
+    """How the learner's update runs across data-parallel ranks (``torchrun --nproc-per-node N``)."""
+
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """``ddp``: every rank holds the whole AdamW state and gradients are all-reduced
+    (``mmgym.trainer.distributed``); ``deepspeed``: a DeepSpeed ZeRO engine (extra
+    ``deepspeed``) partitions AdamW's state (and with stage 2 the gradients) across ranks,
+    saving memory per rank (``mmgym.trainer.deepspeed_learner``). The same updates up to rounding."""
+    zero_stage: int = 2
+    """ZeRO stage with ``strategy=deepspeed``: 1 (optimizer state partitioned) or 2 (also
+    the gradients). Stage 3 is not supported (see ``__post_init__``)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage == 3:
+            raise ValueError("learner.zero_stage=3 partitions the weights, but every rank generates its own rollouts with "
+                             "the full model (a different number of forwards per rank, each a collective under ZeRO-3); use 2")
+        if self.zero_stage not in (1, 2):
+            raise ValueError(f"learner.zero_stage must be 1 or 2, got {self.zero_stage}")
 
 
 @dataclass(frozen=True)
@@ -289,6 +365,7 @@ class TrainConfig:
     sft: SFTSection = field(default_factory=SFTSection)
     algo: AlgoSection = field(default_factory=AlgoSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    learner: LearnerSection = field(default_factory=LearnerSection)
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -297,6 +374,7 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        if self.algo.estimator.estimator in ("grpo", "dr_grpo", "rloo", "gigpo", "mt_grpo", "prime") and self.rollout.group_size < 2:
+        group_estimators = ("grpo", "dr_grpo", "rloo", "gigpo", "mt_grpo", "prime", "matchtir", "durian_grpo")
+        if self.algo.estimator.estimator in group_estimators and self.rollout.group_size < 2:
             raise ValueError(f"algo.estimator.estimator={self.algo.estimator.estimator!r} compares episodes within a group: "
                              "set rollout.group_size >= 2")

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_from_env", "rank_and_world", "is_main", "average_gradients", "barrier", "params_in_sync"]
+__all__ = ["init_from_env", "rank_and_world", "is_main", "average_gradients", "barrier", "params_in_sync", "shutdown"]
 
 
 def init_from_env() -> None:
@@ -36,6 +36,16 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the process group, while the interpreter is fully alive: a
+    Gloo group left to the interpreter's exit can abort it ("terminate called without an
+    active exception", pytorch/pytorch#190489) when its worker threads still hold async
+    work, as DeepSpeed's reductions leave them."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def average_gradients(model: torch.nn.Module) -> None:

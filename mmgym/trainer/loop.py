@@ -5,7 +5,9 @@ Each stage is a named method; the estimator, policy loss, aggregation, task samp
 token weighting come from the algorithms' registries by name (``_TW_NEEDS`` only says
 which inputs each built-in weighting reads). One estimator needs a model of its own:
 ``prime`` reads dense rewards from an online-trained PRM (``mmgym.trainer.prime``), which
-``learn`` steps and scores around ``estimate``. With ``rollout.backend=vllm`` a vLLM
+``learn`` steps and scores around ``estimate``; ``matchtir`` and ``durian_grpo`` read
+per-episode inputs (gold-call turn rewards, difficulty) that ``score`` takes from the
+episodes (``mmgym.trainer.estimator_inputs``). With ``rollout.backend=vllm`` a vLLM
 engine samples the rollouts and the learner's weights are pushed into it after each update.
 """
 
@@ -42,6 +44,8 @@ from mmgym.core import RolloutBatch, Trajectory, from_dict
 from mmgym.trainer import distributed as dist_utils
 from mmgym.trainer.common import DemonstrationPolicy, backward_step, build_policy, episode_summary, evaluate, model_dir, select_rows
 from mmgym.trainer.config import TrainConfig
+from mmgym.trainer.estimator_inputs import attach_estimator_inputs, estimator_extra
+from mmgym.trainer.deepspeed_learner import DeepSpeedLearner, import_deepspeed
 from mmgym.trainer.prime import ImplicitPRM
 from mmgym.trainer.run_dir import RunDir
 
@@ -86,6 +90,8 @@ class Trainer:
         self.cfg = cfg
         self.run = run
         self.progress = progress and dist_utils.is_main()
+        if cfg.learner.strategy == "deepspeed":
+            import_deepspeed()  # fail before loading any model when the extra is missing
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world = dist_utils.rank_and_world()
@@ -98,6 +104,7 @@ class Trainer:
         self.rng = np.random.default_rng([cfg.seed, self.rank])
         self.ref: HFPolicy | None = None
         self.prm: ImplicitPRM | None = None  # PRIME's process reward model (estimator "prime")
+        self.learner: DeepSpeedLearner | None = None  # learner.strategy=deepspeed: the ZeRO engine
         self.optimizer = self._make_optimizer(cfg.sft.lr if cfg.sft.enabled else cfg.optim.lr)
         if ckpt is not None:
             self._restore(ckpt)
@@ -138,8 +145,17 @@ class Trainer:
         return {"rollout/sync_s": time.perf_counter() - t0}
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """A fresh AdamW; with ``learner.strategy=deepspeed`` the ZeRO engine's optimizer
+        around it (one engine per run: later calls clear its state instead)."""
+        if self.learner is not None:
+            return self.learner.reset_optimizer(lr)
         params = [p for p in self.policy.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.optim.weight_decay)
+        if self.cfg.learner.strategy == "deepspeed":
+            self.learner = DeepSpeedLearner(self.policy, optimizer, zero_stage=self.cfg.learner.zero_stage,
+                                            grad_clip=self.cfg.optim.grad_clip)
+            return self.learner.optimizer
+        return optimizer
 
     def _restore(self, ckpt: Path) -> None:
         raw = RunDir.load_state(ckpt)
@@ -147,7 +163,10 @@ class Trainer:
         if self.state.phase != "sft":
             self.optimizer = self._make_optimizer(self.cfg.optim.lr)
         extra = torch.load(ckpt / "optim.pt", weights_only=False)
-        self.optimizer.load_state_dict(extra["optimizer"])
+        if self.learner is not None:
+            self.learner.load(ckpt, extra["optimizer"])
+        else:
+            self.optimizer.load_state_dict(extra["optimizer"])
         torch.set_rng_state(extra["torch_rng"])
         if self.state.sampler:
             self.sampler.load_state_dict(self.state.sampler)
@@ -171,11 +190,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints & logs
     def checkpoint(self, step: int) -> None:
-        if not dist_utils.is_main():
-            return
-        self.state.sampler = self.sampler.state_dict()
-        self.run.save_checkpoint(step, policy=self.policy, optimizer=self.optimizer, state=self.state.__dict__, keep=self.cfg.keep_checkpoints,
-                                 write_extra=None if self.prm is None else self.prm.save)
+        """Rank 0 writes the checkpoint; under DeepSpeed every rank first stages its ZeRO
+        optimizer shard, which rank 0 moves into the checkpoint before its atomic rename."""
+        if self.learner is not None:
+            self.learner.write_shard(self.run.ckpt_root, step)
+        if dist_utils.is_main():
+            self.state.sampler = self.sampler.state_dict()
+            self.run.save_checkpoint(step, policy=self.policy, optimizer=self.learner or self.optimizer, state=self.state.__dict__,
+                                     keep=self.cfg.keep_checkpoints, write_extra=lambda folder: self._write_extra(step, folder))
+        if self.learner is not None:
+            dist_utils.barrier()  # no rank stages the next shard before this checkpoint is complete
+
+    def _write_extra(self, step: int, folder: Path) -> None:
+        if self.prm is not None:
+            self.prm.save(folder)
+        if self.learner is not None:
+            self.learner.adopt_shards(self.run.ckpt_root, step, folder)
 
     def log(self, step: int, metrics: dict[str, float], phase: str) -> None:
         if dist_utils.is_main():
@@ -242,13 +272,15 @@ class Trainer:
         seeds = [int(self.cfg.seed * 1_000_003 + 7919 * t + self.rank) % 2**31 for t in task_ids]
         settings = RolloutSettings(
             sampling=SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens),
-            system_prompt=cfg.system_prompt, keep_images=False, tool_schemas=cfg.tool_schemas)
+            system_prompt=cfg.system_prompt, keep_images=False, tool_schemas=cfg.tool_schemas,
+            visual_entropy=self.cfg.algo.estimator.estimator == "durian_grpo")  # Durian's difficulty reads it
         self.policy.eval()
         trajs = self.collector.collect(self.rollout_policy, seeds=seeds, settings=settings)
         return trajs, task_ids
 
     def score(self, trajs: list[Trajectory], task_ids: list[int]) -> tuple[RolloutBatch | None, dict[str, float]]:
-        """Pad trajectories into a batch; update the task sampler; optionally drop flat groups.
+        """Pad trajectories into a batch (with what the estimator reads from the episodes:
+        ``mmgym.trainer.estimator_inputs``); update the task sampler; optionally drop flat groups.
 
         Episodes that ended with ``env_error`` stay out of the batch; those whose env failed
         in the worker pool (``info["env_error"]``) also stay out of the sampler's success
@@ -264,7 +296,9 @@ class Trainer:
         if not keep:
             log.warning("no episode of this iteration can be trained on (%d env errors of %d); update skipped", int(metrics["errors"]), len(trajs))
             return None, metrics
-        batch = self.policy.build_batch([trajs[i] for i in keep])
+        kept = [trajs[i] for i in keep]
+        batch = self.policy.build_batch(kept)
+        metrics.update(attach_estimator_inputs(batch, kept, self.cfg.algo))  # MatchTIR, Durian: from the episodes
         if self.cfg.algo.drop_zero_variance_groups:
             mask = dynamic_sampling_filter(batch.outcome, batch.group_ids)
             metrics["kept_fraction"] = float(mask.float().mean())
@@ -292,7 +326,8 @@ class Trainer:
 
     def estimate(self, batch: RolloutBatch, *, extra: dict[str, Any] | None = None) -> torch.Tensor:
         """(B, T) token advantages from the configured estimator; ``extra`` goes to
-        ``AdvantageInputs.extra`` (PRIME: ``{"process_rewards": (B, T)}``)."""
+        ``AdvantageInputs.extra`` (PRIME: ``{"process_rewards": (B, T)}``; MatchTIR:
+        ``{"matchtir_turn_rewards": (B, K), "has_gold": (B,)}``; Durian: ``{"difficulty": (B,)}``)."""
         out = compute_advantages(AdvantageInputs.from_batch(batch, extra=extra), self.cfg.algo.estimator_config)
         return out.advantages.detach()
 
@@ -301,9 +336,12 @@ class Trainer:
         batch's success labels before its process rewards are computed
         (``algo.prime.update=before``: the rewards come from the updated PRM) or after the
         policy update (``after``: they come from the PRM as it was before this batch).
-        Logs ``prime/loss``, ``prime/acc``, ``prime/logit_mean`` and ``prime/reward_mean``."""
+        Logs ``prime/loss``, ``prime/acc``, ``prime/logit_mean`` and ``prime/reward_mean``.
+        ``matchtir`` and ``durian_grpo`` read their turn rewards / difficulty from what
+        ``score`` kept (``mmgym.trainer.estimator_inputs.estimator_extra``)."""
         if self.cfg.algo.estimator.estimator != "prime":
-            return self.update(batch, self.estimate(batch))
+            extra, metrics = estimator_extra(batch, self.cfg.algo)
+            return {**metrics, **self.update(batch, self.estimate(batch, extra=extra))}
         ref_lp = self._reference_logprobs(batch, needed=True)  # shared with the KL term
         prm = self._process_reward_model()
         metrics: dict[str, float] = {}
@@ -471,7 +509,10 @@ class Trainer:
                 raise TrainingDiverged(f"{self.state.bad_updates} non-finite losses in a row; the last good checkpoint is in {self.run.ckpt_root}")
             return False
         self.state.bad_updates = 0
-        backward_step(self.policy, self.optimizer, loss, self.cfg.optim.grad_clip)
+        if self.learner is not None:
+            self.learner.step(loss)
+        else:
+            backward_step(self.policy, self.optimizer, loss, self.cfg.optim.grad_clip)
         return True
 
     # ------------------------------------------------------------------ evaluation & driver
@@ -575,6 +616,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars; no per-load/save bars from transformers
+    owns_group = not torch.distributed.is_initialized()  # made here (torchrun, DeepSpeed): destroyed here
     dist_utils.init_from_env()
     if resume is not None:
         run = RunDir.open_for_resume(Path(resume))
@@ -584,6 +626,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
         run = RunDir.create(path, cfg) if dist_utils.is_main() else RunDir(path)
         dist_utils.barrier()
     try:
-        return Trainer(cfg, run, progress=progress).fit()
+        summary = Trainer(cfg, run, progress=progress).fit()
     finally:
         run.close()
+    if owns_group:
+        dist_utils.shutdown()
+    return summary

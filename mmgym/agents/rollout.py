@@ -38,9 +38,9 @@ from mmgym.agents.chat import Conversation
 from mmgym.agents.policy import Generation, Policy, SamplingParams
 from mmgym.agents.tokens import TEMPERATURE_KEY, TokenState
 from mmgym.core import ToolCall, Trajectory, Turn
+from mmgym.core.image_stats import visual_entropy
 from mmgym.envs.pool import BACKENDS, BasePool, PoolResult, error_observation, make_pool
 from mmgym.envs.runner import GroupRunner
-from mmgym.tools.image_stats import visual_entropy
 
 __all__ = ["RolloutSettings", "RolloutCollector", "EpisodeSlot", "collect_rollouts", "play", "play_pool"]
 

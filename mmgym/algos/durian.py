@@ -36,7 +36,7 @@ from mmgym.algos.advantages import (
     dense_ids,
     group_normalize,
 )
-from mmgym.tools.image_stats import visual_entropy
+from mmgym.core.image_stats import visual_entropy
 
 __all__ = [
     "DurianConfig",

@@ -95,6 +95,9 @@ class MatchTIRConfig:
             raise ValueError(f"MatchTIRConfig.gamma must lie in [0, 1], got {self.gamma}")
         if self.traj_weight < 0 or self.turn_weight < 0:
             raise ValueError(f"MatchTIRConfig weights must be >= 0, got {self.traj_weight}, {self.turn_weight}")
+        if self.traj_weight == 0 and self.turn_weight == 0:
+            raise ValueError("MatchTIRConfig.traj_weight and turn_weight are both 0, so every advantage would be 0; "
+                             "set at least one > 0 (MatchTIR: 0.5 and 0.5)")
 
 
 @dataclass(frozen=True)

@@ -274,4 +274,7 @@ def test_errors_name_the_problem():
         MatchTIRConfig(assignment="greedy")
     with pytest.raises(ValueError, match="sinkhorn_reg must be > 0"):
         MatchTIRConfig(sinkhorn_reg=0.0)
+    with pytest.raises(ValueError, match="both 0, so every advantage would be 0"):
+        MatchTIRConfig(traj_weight=0.0, turn_weight=0.0)
+    assert MatchTIRConfig(traj_weight=0.0, turn_weight=1.0).turn_weight == 1.0
     assert EstimatorConfig(estimator="matchtir").estimator == "matchtir"

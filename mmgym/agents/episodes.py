@@ -7,6 +7,7 @@ their timestamps) the agent saw, plus an index page.
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 
 from mmgym.core import ToolCall, Trajectory, Turn
 
-__all__ = ["run_episode", "write_episode_html", "write_index_html", "atomic_write_text"]
+__all__ = ["new_trajectory", "run_episode", "write_episode_html", "write_index_html", "atomic_write_text"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -38,14 +39,24 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def new_trajectory(info: dict[str, Any], *, group: int = 0, seed: int | None = None) -> Trajectory:
+    """The record of an episode just reset: its task id and group, the seed (when given)
+    and the reset info's gold tool calls (``MMEnv.gold_tool_calls``; copied, plain JSON
+    data, when the env gives them)."""
+    traj = Trajectory(task_id=str(info.get("task_id", "")), group=group)
+    if seed is not None:
+        traj.info["seed"] = seed
+    if info.get("gold_tool_calls") is not None:
+        traj.info["gold_tool_calls"] = copy.deepcopy(info["gold_tool_calls"])
+    return traj
+
+
 def run_episode(env: Any, agent: Any, *, seed: int | None = None, task_index: int | None = None, keep_images: bool = True, max_steps: int = 1000) -> Trajectory:
     """Play one episode of ``agent`` (``act(env, obs, info) -> str``) and record it (with the
     reset info's ``gold_tool_calls``, when the env gives them, in ``Trajectory.info``)."""
     opts = {"task_index": task_index} if task_index is not None else None
     obs, info = env.reset(seed=seed, options=opts)
-    traj = Trajectory(task_id=str(info.get("task_id", "")))
-    if info.get("gold_tool_calls") is not None:
-        traj.info["gold_tool_calls"] = info["gold_tool_calls"]
+    traj = new_trajectory(info)
     pending = (obs, info)
     for t in range(max_steps):
         obs, info = pending

@@ -25,7 +25,6 @@ ends only its own episode, with ``termination_reason="env_error"``,
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +34,7 @@ import gymnasium as gym
 import numpy as np
 
 from mmgym.agents.chat import Conversation
+from mmgym.agents.episodes import new_trajectory
 from mmgym.agents.policy import Generation, Policy, SamplingParams
 from mmgym.agents.tokens import TEMPERATURE_KEY, TokenState
 from mmgym.core import ToolCall, Trajectory, Turn
@@ -222,7 +222,7 @@ class RolloutCollector:
                     slots.append(_start_slot(s, g, i, res.obs or error_observation(), res.info, seed, env_index=k))
                     continue
                 slot = EpisodeSlot(group=g, index=i, env=None, conv=Conversation(), obs=res.obs or error_observation(), info=dict(res.info),
-                                   traj=_new_trajectory(g, res.info, seed), env_index=k)
+                                   traj=new_trajectory(res.info, group=g, seed=seed), env_index=k)
                 _mark_env_error(slot, res)  # the episode never started
                 slots.append(slot)
         return play_pool(policy, slots, pool, s, stats=self.stats)
@@ -234,17 +234,6 @@ class RolloutCollector:
             self.pool.close()
 
 
-def _new_trajectory(group: int, info: dict[str, Any], seed: int | None) -> Trajectory:
-    """The record of an episode just reset: its task id, seed and the reset info's gold
-    tool calls (``MMEnv.gold_tool_calls``; copied, plain JSON data, when the env gives them)."""
-    traj = Trajectory(task_id=str(info.get("task_id", "")), group=group)
-    if seed is not None:
-        traj.info["seed"] = seed
-    if info.get("gold_tool_calls") is not None:
-        traj.info["gold_tool_calls"] = copy.deepcopy(info["gold_tool_calls"])
-    return traj
-
-
 def _start_slot(s: RolloutSettings, group: int, index: int, obs: dict[str, Any], info: dict[str, Any], seed: int | None,
                 *, env: gym.Env | None = None, env_index: int | None = None) -> EpisodeSlot:
     """An episode after its reset: the conversation opened with the first observation (the
@@ -253,7 +242,7 @@ def _start_slot(s: RolloutSettings, group: int, index: int, obs: dict[str, Any],
     tools = list(info.get("tool_schemas") or []) if s.tool_schemas else []
     conv = Conversation(system=system, tools=tools or None)
     conv.add_observation(obs, turn=0, tool_result_role=s.tool_result_role)
-    slot = EpisodeSlot(group=group, index=index, env=env, conv=conv, traj=_new_trajectory(group, info, seed), obs=obs,
+    slot = EpisodeSlot(group=group, index=index, env=env, conv=conv, traj=new_trajectory(info, group=group, seed=seed), obs=obs,
                        info=dict(info), env_index=env_index)
     images = obs.get("images", ())
     if s.visual_entropy and len(images):

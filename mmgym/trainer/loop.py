@@ -44,8 +44,8 @@ from mmgym.core import RolloutBatch, Trajectory, from_dict
 from mmgym.trainer import distributed as dist_utils
 from mmgym.trainer.common import DemonstrationPolicy, backward_step, build_policy, episode_summary, evaluate, model_dir, select_rows
 from mmgym.trainer.config import TrainConfig
-from mmgym.trainer.estimator_inputs import attach_estimator_inputs, estimator_extra
 from mmgym.trainer.deepspeed_learner import DeepSpeedLearner, import_deepspeed
+from mmgym.trainer.estimator_inputs import attach_estimator_inputs, estimator_extra
 from mmgym.trainer.prime import ImplicitPRM
 from mmgym.trainer.run_dir import RunDir
 

@@ -50,7 +50,9 @@ def _tasks(args: tuple[dict[str, Any], list[int], bool, str]) -> list[tuple[np.n
         opts = {"task_index": k} if held_out else None
         obs, _ = env.reset(seed=None if held_out else k, options=opts)
         target = env.task.options[env.task.correct] if kind == "answer" else env.oracle_region(0)
-        out.append((obs["images"][0], obs["text"], target))
+        x1, y1, x2, y2 = env.task.boxes[0]
+        h, w = env.task.image.shape[:2]
+        out.append((obs["images"][0], obs["text"], target, ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h)))
     return out
 
 
@@ -68,13 +70,13 @@ def feature_probe(model: Any, proc: Any, train: list, held: list, steps: int, gr
     def feats(items: list) -> tuple[torch.Tensor, torch.Tensor]:
         xs = []
         with torch.no_grad():
-            for view, _, _ in items:
+            for view, *_ in items:
                 enc = proc.image_processor(images=[view], return_tensors="pt")
                 out = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"])
                 xs.append((out.pooler_output if hasattr(out, "pooler_output") else out)[0])
         if any(len(x) != grid * grid for x in xs):
             raise SystemExit(f"--target features needs one merged token per grid cell; got {[len(x) for x in xs[:3]]} tokens for {grid * grid} cells")
-        return torch.stack(xs), torch.tensor([k - 1 for _, _, k in items])
+        return torch.stack(xs), torch.tensor([k - 1 for _, _, k, _ in items])
 
     xtr, ytr = feats(train)
     xte, yte = feats(held)
@@ -109,6 +111,11 @@ def main() -> None:
     ap.add_argument("--image-last", action="store_true", help="move the image after the question text")
     ap.add_argument("--tiles", action="store_true",
                     help="give the first view as one labelled image per grid cell ('Cell k: <image>'), Set-of-Mark style")
+    ap.add_argument("--attn-sup", type=float, default=0.0,
+                    help="weight of an attention-supervision loss: the supervised heads' attention, at the "
+                         "position that predicts the region number, should fall on the marker's image token")
+    ap.add_argument("--attn-heads", default="0", help="comma-separated heads supervised in every layer")
+    ap.add_argument("--attn-layers", default="all", help="comma-separated layers supervised, or 'all'")
     ap.add_argument("--save", default=None, help="save the probed model folder here at the end")
     ap.add_argument("--out", default=None, help="write the curve as JSON here")
     args = ap.parse_args()
@@ -175,13 +182,13 @@ def main() -> None:
         return int(text.split('"region":', 1)[1].split("}", 1)[0])
 
     def batch_inputs(items: list[tuple[np.ndarray, str, int]], with_target: bool) -> tuple[dict[str, Any], torch.Tensor | None]:
-        texts = [render(v, t, call(k) if with_target else None) for v, t, k in items]
+        texts = [render(v, t, call(k) if with_target else None) for v, t, k, _ in items]
         tok.padding_side = "right" if with_target else "left"
-        enc = proc(text=texts, images=[images_of(v) for v, _, _ in items], return_tensors="pt", padding=True)
+        enc = proc(text=texts, images=[images_of(v) for v, *_ in items], return_tensors="pt", padding=True)
         if not with_target:
             return enc, None
         labels = enc["input_ids"].clone()
-        for i, (v, t, _) in enumerate(items):
+        for i, (v, t, *_) in enumerate(items):
             n = len(proc(text=[render(v, t, None)], images=[images_of(v)], return_tensors="pt")["input_ids"][0])
             labels[i, :n] = -100
         labels[enc["attention_mask"] == 0] = -100
@@ -195,7 +202,7 @@ def main() -> None:
             part = held[lo: lo + 50]
             enc, _ = batch_inputs(part, False)
             out = model.generate(**enc, max_new_tokens=24, do_sample=False)
-            for row, (_, _, k) in zip(out[:, enc["input_ids"].shape[1]:], part):
+            for row, (_, _, k, _) in zip(out[:, enc["input_ids"].shape[1]:], part):
                 text = tok.decode(row, skip_special_tokens=False)
                 try:
                     got = read(text)
@@ -206,6 +213,39 @@ def main() -> None:
         model.train()
         return {"hit": hits / len(held), "parsed": parsed / len(held)}
 
+    image_id = model.config.image_token_id
+    merge = model.config.vision_config.spatial_merge_size
+    heads = [int(h) for h in args.attn_heads.split(",")]
+    att_losses: list[float] = []
+    if args.attn_sup > 0:
+        model.set_attn_implementation("eager")
+
+    def marker_token(b: int, enc: dict[str, Any], frac: tuple[float, float]) -> int:
+        """Sequence position of the merged image token that holds the marker's centre."""
+        _, gh, gw = (int(v) for v in enc["image_grid_thw"][b])
+        mh, mw = gh // merge, gw // merge
+        r, c = min(mh - 1, int(frac[1] * mh)), min(mw - 1, int(frac[0] * mw))
+        pos = (enc["input_ids"][b] == image_id).nonzero()[:, 0]
+        return int(pos[r * mw + c])
+
+    def number_query(b: int, enc: dict[str, Any], labels: torch.Tensor) -> int:
+        """Position whose logits predict the region number's first token."""
+        ids = enc["input_ids"][b]
+        for j in (labels[b] != -100).nonzero()[:, 0].tolist():
+            if any(ch.isdigit() for ch in tok.decode(ids[j: j + 1])) and "region" in tok.decode(ids[:j][-8:]):
+                return j - 1
+        raise RuntimeError("no region number in the target")
+
+    def attention_loss(attentions: tuple, enc: dict[str, Any], labels: torch.Tensor, items: list) -> torch.Tensor:
+        layers = range(len(attentions)) if args.attn_layers == "all" else [int(v) for v in args.attn_layers.split(",")]
+        terms = []
+        for b, item in enumerate(items):
+            q, m = number_query(b, enc, labels), marker_token(b, enc, item[3])
+            for layer in layers:
+                for h in heads:
+                    terms.append(-torch.log(attentions[layer][b, h, q, m] + 1e-6))
+        return torch.stack(terms).mean()
+
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     curve = [{"step": 0, **evaluate(), "s": round(time.time() - t0, 1)}]
@@ -215,14 +255,21 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         idx = rng.choice(len(train), size=args.batch, replace=False)
         enc, labels = batch_inputs([train[i] for i in idx], True)
-        loss = model(**enc, labels=labels).loss
+        if args.attn_sup > 0:
+            out = model(**enc, labels=labels, output_attentions=True)
+            att = attention_loss(out.attentions, enc, labels, [train[i] for i in idx])
+            loss = out.loss + args.attn_sup * att
+            att_losses.append(float(att.detach()))
+        else:
+            loss = model(**enc, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(loss))
         if step % args.eval_every == 0 or step == args.steps:
-            curve.append({"step": step, "loss": round(float(np.mean(losses[-args.eval_every:])), 4), **evaluate(),
+            curve.append({"step": step, "loss": round(float(np.mean(losses[-args.eval_every:])), 4),
+                          **({"attn_loss": round(float(np.mean(att_losses[-args.eval_every:])), 3)} if att_losses else {}), **evaluate(),
                           "s": round(time.time() - t0, 1)})
             print(curve[-1], flush=True)
     if args.out:

@@ -121,6 +121,7 @@ class ChainOfFocusEnv(MMEnv):
             vision tower to read once zoomed, and just as unreadable in the first view).
         grid_code: region mode: colour-code each grid label (``draw_grid(coded=True)``) so a
             small model can tell the cells apart without reading digits.
+        grid_code_alpha: how strongly the code tints each cell (the tint's share of a pixel).
     """
 
     description = "V*-style visual search: the answer is readable only after zooming into a large image."
@@ -142,6 +143,7 @@ class ChainOfFocusEnv(MMEnv):
         answer_format: Literal["letter", "text"] = "letter",
         symbols: Literal["glyphs", "stripes"] = "glyphs",
         grid_code: bool = False,
+        grid_code_alpha: float = 0.35,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_turns: int = 4,
         rubric: str = "chain_of_focus",
@@ -154,6 +156,9 @@ class ChainOfFocusEnv(MMEnv):
             raise ValueError(f"symbols must be 'glyphs' or 'stripes', got {symbols!r}")
         self.symbols = symbols
         self.grid_code = bool(grid_code)
+        if not 0.0 < grid_code_alpha <= 1.0:
+            raise ValueError(f"grid_code_alpha must lie in (0, 1], got {grid_code_alpha}")
+        self.grid_code_alpha = float(grid_code_alpha)
         if zoom not in ("bbox", "region"):
             raise ValueError(f"zoom must be 'bbox' or 'region', got {zoom!r}")
         bad = set(question_types) - {"attribute", "relative"}
@@ -262,7 +267,7 @@ class ChainOfFocusEnv(MMEnv):
         h, w = img.shape[:2]
         view = resize_max_side(img, self.view_size)
         if self.zoom_mode == "region":
-            view = draw_grid(view, self.grid, coded=self.grid_code)
+            view = draw_grid(view, self.grid, coded=self.grid_code, code_alpha=self.grid_code_alpha)
             how = f'zoom(region=k) on the {self.grid}x{self.grid} grid, k=1..{self.grid * self.grid}'
         else:
             how = f"zoom(bbox=[x1, y1, x2, y2]) in pixels of the {w}x{h} original"

@@ -162,16 +162,21 @@ def grid_code_color(row: int, col: int, grid: int) -> tuple[int, int, int]:
     return (30 + step * col, 30 + step * row, 140)
 
 
-def draw_grid(view: np.ndarray, grid: int, *, coded: bool = False) -> np.ndarray:
+def draw_grid(view: np.ndarray, grid: int, *, coded: bool = False, code_alpha: float = CODE_ALPHA) -> np.ndarray:
     """Return a copy of ``view`` with grid lines and 1-based cell labels drawn on it.
 
     ``coded`` instead tints each cell with its colour code (``grid_code_color``: red for the
-    column, green for the row; ``CODE_ALPHA`` of the pixel) and draws no lines or digits, so
+    column, green for the row; ``code_alpha`` of the pixel) and draws no lines or digits, so
     every image token carries its cell's identity and nothing bright competes with the
     targets: a small vision tower that cannot read digits can still name the cell it looks at
     (a Set-of-Mark-style visual prompt). With lines and digits as well, the embedded tiny
     model did not learn to localise in 600 supervised steps; with tints alone it began to.
+    The code must be readable from a cell's own pixels: at ``code_alpha`` 0.35 a median of
+    the pixels around a marker names its cell 59 % of the time without a global colour
+    reference (the background's base colour varies per image), at 0.6 100 %.
     """
+    if not 0.0 < code_alpha <= 1.0:
+        raise ValueError(f"code_alpha must lie in (0, 1], got {code_alpha}")
     out = view.copy()
     h, w = out.shape[:2]
     if coded:
@@ -180,7 +185,7 @@ def draw_grid(view: np.ndarray, grid: int, *, coded: bool = False) -> np.ndarray
                 ys = slice(round(r * h / grid), round((r + 1) * h / grid))
                 xs = slice(round(c * w / grid), round((c + 1) * w / grid))
                 tint = np.array(grid_code_color(r, c, grid), np.float32)
-                out[ys, xs] = np.clip(out[ys, xs].astype(np.float32) * (1 - CODE_ALPHA) + tint * CODE_ALPHA, 0, 255).astype(np.uint8)
+                out[ys, xs] = np.clip(out[ys, xs].astype(np.float32) * (1 - code_alpha) + tint * code_alpha, 0, 255).astype(np.uint8)
         return out
     for i in range(1, grid):
         x, y = round(i * w / grid), round(i * h / grid)

@@ -116,6 +116,10 @@ def main() -> None:
                          "position that predicts the region number, should fall on the marker's image token")
     ap.add_argument("--attn-heads", default="0", help="comma-separated heads supervised in every layer")
     ap.add_argument("--attn-layers", default="all", help="comma-separated layers supervised, or 'all'")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="train the language model only (the vision tower, merger included, stays as loaded)")
+    ap.add_argument("--vision-lr-scale", type=float, default=1.0,
+                    help="the vision tower's learning rate as a multiple of --lr")
     ap.add_argument("--save", default=None, help="save the probed model folder here at the end")
     ap.add_argument("--out", default=None, help="write the curve as JSON here")
     args = ap.parse_args()
@@ -246,7 +250,13 @@ def main() -> None:
                     terms.append(-torch.log(attentions[layer][b, h, q, m] + 1e-6))
         return torch.stack(terms).mean()
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    if args.freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    vision = {id(p) for p in model.model.visual.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and (id(p) in vision) == is_vision],
+               "lr": args.lr * (args.vision_lr_scale if is_vision else 1.0)} for is_vision in (False, True)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     curve = [{"step": 0, **evaluate(), "s": round(time.time() - t0, 1)}]
     print(curve[-1], flush=True)

@@ -276,7 +276,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, "loss": round(float(np.mean(losses[-args.eval_every:])), 4),
                           **({"attn_loss": round(float(np.mean(att_losses[-args.eval_every:])), 3)} if att_losses else {}), **evaluate(),

@@ -42,6 +42,34 @@ def _env(kwargs: dict[str, Any]) -> Any:
     return gym.make("mmgym/ChainOfFocus-v0", **kwargs).unwrapped
 
 
+def env_kwargs(sets: list[str]) -> dict[str, Any]:
+    """The default recipe's env kwargs with ``key=value`` overrides (values parsed as YAML)."""
+    from mmgym.trainer.config import _default_env_kwargs
+
+    kwargs = _default_env_kwargs()
+    for kv in sets:
+        k, v = kv.split("=", 1)
+        kwargs[k] = yaml.safe_load(v)
+    return kwargs
+
+
+def marker_centre(env: Any) -> tuple[float, float]:
+    """The first target's centre as fractions (x, y) of the image (and so of the first view)."""
+    x1, y1, x2, y2 = env.task.boxes[0]
+    h, w = env.task.image.shape[:2]
+    return (x1 + x2) / 2 / w, (y1 + y2) / 2 / h
+
+
+def marker_position(input_ids: Any, grid_thw: Any, centre: tuple[float, float], image_token_id: int, merge: int) -> tuple[int, Any]:
+    """Sequence position of the merged image token (the first image's; raster order) that
+    holds ``centre``, and the positions of all image tokens in ``input_ids``."""
+    _, gh, gw = (int(v) for v in grid_thw)
+    mh, mw = gh // merge, gw // merge
+    r, c = min(mh - 1, int(centre[1] * mh)), min(mw - 1, int(centre[0] * mw))
+    image_pos = (input_ids == image_token_id).nonzero()[:, 0]
+    return int(image_pos[r * mw + c]), image_pos
+
+
 def _tasks(args: tuple[dict[str, Any], list[int], bool, str]) -> list[tuple[np.ndarray, str, Any]]:
     kwargs, keys, held_out, kind = args
     env = _env(kwargs)
@@ -50,9 +78,7 @@ def _tasks(args: tuple[dict[str, Any], list[int], bool, str]) -> list[tuple[np.n
         opts = {"task_index": k} if held_out else None
         obs, _ = env.reset(seed=None if held_out else k, options=opts)
         target = env.task.options[env.task.correct] if kind == "answer" else env.oracle_region(0)
-        x1, y1, x2, y2 = env.task.boxes[0]
-        h, w = env.task.image.shape[:2]
-        out.append((obs["images"][0], obs["text"], target, ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h)))
+        out.append((obs["images"][0], obs["text"], target, marker_centre(env)))
     return out
 
 
@@ -129,14 +155,10 @@ def main() -> None:
     from mmgym.agents import HFPolicy
     from mmgym.agents.chat import Conversation
     from mmgym.trainer.common import model_dir
-    from mmgym.trainer.config import _default_env_kwargs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    kwargs = _default_env_kwargs()
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        kwargs[k] = yaml.safe_load(v)
+    kwargs = env_kwargs(args.set)
     t0 = time.time()
     train = make_tasks(kwargs, list(range(10**6 + args.seed * 10**5, 10**6 + args.seed * 10**5 + args.train_tasks)), False, args.workers, args.target)
     held = make_tasks(kwargs, list(range(args.eval_tasks)), True, args.workers, args.target)
@@ -224,14 +246,6 @@ def main() -> None:
     if args.attn_sup > 0:
         model.set_attn_implementation("eager")
 
-    def marker_token(b: int, enc: dict[str, Any], frac: tuple[float, float]) -> int:
-        """Sequence position of the merged image token that holds the marker's centre."""
-        _, gh, gw = (int(v) for v in enc["image_grid_thw"][b])
-        mh, mw = gh // merge, gw // merge
-        r, c = min(mh - 1, int(frac[1] * mh)), min(mw - 1, int(frac[0] * mw))
-        pos = (enc["input_ids"][b] == image_id).nonzero()[:, 0]
-        return int(pos[r * mw + c])
-
     def number_query(b: int, enc: dict[str, Any], labels: torch.Tensor) -> int:
         """Position whose logits predict the region number's first token."""
         ids = enc["input_ids"][b]
@@ -244,7 +258,8 @@ def main() -> None:
         layers = range(len(attentions)) if args.attn_layers == "all" else [int(v) for v in args.attn_layers.split(",")]
         terms = []
         for b, item in enumerate(items):
-            q, m = number_query(b, enc, labels), marker_token(b, enc, item[3])
+            q = number_query(b, enc, labels)
+            m, _ = marker_position(enc["input_ids"][b], enc["image_grid_thw"][b], item[3], image_id, merge)
             for layer in layers:
                 for h in heads:
                     terms.append(-torch.log(attentions[layer][b, h, q, m] + 1e-6))
@@ -263,11 +278,11 @@ def main() -> None:
     model.train()
     losses: list[float] = []
     for step in range(1, args.steps + 1):
-        idx = rng.choice(len(train), size=args.batch, replace=False)
-        enc, labels = batch_inputs([train[i] for i in idx], True)
+        items = [train[i] for i in rng.choice(len(train), size=args.batch, replace=False)]
+        enc, labels = batch_inputs(items, True)
         if args.attn_sup > 0:
             out = model(**enc, labels=labels, output_attentions=True)
-            att = attention_loss(out.attentions, enc, labels, [train[i] for i in idx])
+            att = attention_loss(out.attentions, enc, labels, items)
             loss = out.loss + args.attn_sup * att
             att_losses.append(float(att.detach()))
         else:

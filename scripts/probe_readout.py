@@ -25,7 +25,7 @@ import json
 from typing import Any
 
 import numpy as np
-import yaml
+from probe_localisation import env_kwargs, marker_centre, marker_position  # same folder
 
 PREFIX = '<tool_call>{"name": "zoom", "arguments": {"region": '
 
@@ -60,13 +60,9 @@ def main() -> None:
     from mmgym.agents import HFPolicy
     from mmgym.agents.chat import Conversation
     from mmgym.trainer.common import model_dir
-    from mmgym.trainer.config import _default_env_kwargs
 
     torch.set_num_threads(args.threads)
-    kwargs: dict[str, Any] = _default_env_kwargs()
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        kwargs[k] = yaml.safe_load(v)
+    kwargs: dict[str, Any] = env_kwargs(args.set)
     policy = HFPolicy(model_dir(args.model), attn_implementation="eager")
     model, proc = policy.model, policy.processor
     merge = model.config.vision_config.spatial_merge_size
@@ -80,14 +76,8 @@ def main() -> None:
         conv = Conversation()
         conv.add_observation(obs, turn=0)
         enc = proc(text=[policy.render(conv) + PREFIX], images=[obs["images"]], return_tensors="pt")
-        ids = enc["input_ids"][0]
-        x1, y1, x2, y2 = env.task.boxes[0]
-        h, w = env.task.image.shape[:2]
-        _, gh, gw = (int(v) for v in enc["image_grid_thw"][0])
-        mh, mw = gh // merge, gw // merge
-        r, c = min(mh - 1, int((y1 + y2) / 2 / h * mh)), min(mw - 1, int((x1 + x2) / 2 / w * mw))
-        image_pos = (ids == model.config.image_token_id).nonzero()[:, 0]
-        m = int(image_pos[r * mw + c])
+        m, image_pos = marker_position(enc["input_ids"][0], enc["image_grid_thw"][0], marker_centre(env),
+                                       model.config.image_token_id, merge)
         with torch.no_grad():
             out = model(**enc, output_hidden_states=True, output_attentions=True)
         for layer in range(layers + 1):
@@ -95,7 +85,7 @@ def main() -> None:
             query_h[layer].append(out.hidden_states[layer][0, -1].float().numpy())
         att = torch.stack([a[0, 0, -1] for a in out.attentions])  # (layers, T): head 0, last position
         mass.append(att[:, m].numpy())
-        top.append((att[:, image_pos].argmax(-1) == r * mw + c).float().numpy())
+        top.append((image_pos[att[:, image_pos].argmax(-1)] == m).float().numpy())
         cells.append(env.oracle_region(0) - 1)
     y = np.array(cells)
     result = {

@@ -70,6 +70,18 @@ def marker_position(input_ids: Any, grid_thw: Any, centre: tuple[float, float], 
     return int(image_pos[r * mw + c]), image_pos
 
 
+def number_positions(ids: list[int], labels: list[int], decode: Any) -> list[int]:
+    """Token positions of the region number's digits inside the target (``labels != -100``):
+    the first digit token after ``"region":``, and the digit tokens that follow it."""
+    for j in (k for k, v in enumerate(labels) if v != -100):
+        if decode(ids[j: j + 1]).strip().isdigit() and "region" in decode(ids[:j][-8:]):
+            out = [j]
+            while out[-1] + 1 < len(ids) and labels[out[-1] + 1] != -100 and decode(ids[out[-1] + 1: out[-1] + 2]).strip().isdigit():
+                out.append(out[-1] + 1)
+            return out
+    raise RuntimeError("no region number in the target")
+
+
 def _tasks(args: tuple[dict[str, Any], list[int], bool, str]) -> list[tuple[np.ndarray, str, Any]]:
     kwargs, keys, held_out, kind = args
     env = _env(kwargs)
@@ -146,6 +158,14 @@ def main() -> None:
                     help="train the language model only (the vision tower, merger included, stays as loaded)")
     ap.add_argument("--vision-lr-scale", type=float, default=1.0,
                     help="the vision tower's learning rate as a multiple of --lr")
+    ap.add_argument("--code-sup", type=float, default=0.0,
+                    help="weight of a code-keeping loss: a linear read-out of the marker's image token (the "
+                         "vision tower's output, as the language model receives it) must name the marker's cell")
+    ap.add_argument("--code-sup-from", type=int, default=0,
+                    help="first step at which the code-keeping loss applies (attention first, then the code)")
+    ap.add_argument("--mask-number", action="store_true",
+                    help="leave the region number's tokens out of the cross-entropy: the reply's format is "
+                         "trained, which cell to zoom into is not (the auxiliary losses still apply)")
     ap.add_argument("--save", default=None, help="save the probed model folder here at the end")
     ap.add_argument("--out", default=None, help="write the curve as JSON here")
     args = ap.parse_args()
@@ -218,6 +238,11 @@ def main() -> None:
             n = len(proc(text=[render(v, t, None)], images=[images_of(v)], return_tensors="pt")["input_ids"][0])
             labels[i, :n] = -100
         labels[enc["attention_mask"] == 0] = -100
+        if args.mask_number:
+            full = labels.clone()
+            for i in range(len(items)):
+                labels[i, number_positions(enc["input_ids"][i].tolist(), full[i].tolist(), tok.decode)] = -100
+            enc["_number_labels"] = full  # number_query reads these (popped before the forward)
         return enc, labels
 
     @torch.no_grad()
@@ -248,11 +273,7 @@ def main() -> None:
 
     def number_query(b: int, enc: dict[str, Any], labels: torch.Tensor) -> int:
         """Position whose logits predict the region number's first token."""
-        ids = enc["input_ids"][b]
-        for j in (labels[b] != -100).nonzero()[:, 0].tolist():
-            if any(ch.isdigit() for ch in tok.decode(ids[j: j + 1])) and "region" in tok.decode(ids[:j][-8:]):
-                return j - 1
-        raise RuntimeError("no region number in the target")
+        return number_positions(enc["input_ids"][b].tolist(), enc.get("_number_labels", labels)[b].tolist(), tok.decode)[0] - 1
 
     def attention_loss(attentions: tuple, enc: dict[str, Any], labels: torch.Tensor, items: list) -> torch.Tensor:
         layers = range(len(attentions)) if args.attn_layers == "all" else [int(v) for v in args.attn_layers.split(",")]
@@ -265,12 +286,24 @@ def main() -> None:
                     terms.append(-torch.log(attentions[layer][b, h, q, m] + 1e-6))
         return torch.stack(terms).mean()
 
+    code_head = torch.nn.Linear(model.config.text_config.hidden_size, grid * grid) if args.code_sup > 0 else None
+    code_losses: list[float] = []
+
+    def code_loss(hidden0: torch.Tensor, enc: dict[str, Any], items: list) -> torch.Tensor:
+        """Cross-entropy of the marker's cell from its image token's features (``code_head``)."""
+        rows = [hidden0[b, marker_position(enc["input_ids"][b], enc["image_grid_thw"][b], item[3], image_id, merge)[0]]
+                for b, item in enumerate(items)]
+        target = torch.tensor([int(item[2]) - 1 for item in items])
+        return torch.nn.functional.cross_entropy(code_head(torch.stack(rows)), target)
+
     if args.freeze_vision:
         for p in model.model.visual.parameters():
             p.requires_grad_(False)
     vision = {id(p) for p in model.model.visual.parameters()}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and (id(p) in vision) == is_vision],
                "lr": args.lr * (args.vision_lr_scale if is_vision else 1.0)} for is_vision in (False, True)]
+    if code_head is not None:
+        groups.append({"params": list(code_head.parameters()), "lr": args.lr})
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     curve = [{"step": 0, **evaluate(), "s": round(time.time() - t0, 1)}]
@@ -280,13 +313,17 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         items = [train[i] for i in rng.choice(len(train), size=args.batch, replace=False)]
         enc, labels = batch_inputs(items, True)
+        number_labels = enc.pop("_number_labels", None)
+        out = model(**enc, labels=labels, output_attentions=args.attn_sup > 0, output_hidden_states=code_head is not None)
+        loss = out.loss
         if args.attn_sup > 0:
-            out = model(**enc, labels=labels, output_attentions=True)
-            att = attention_loss(out.attentions, enc, labels, items)
-            loss = out.loss + args.attn_sup * att
+            att = attention_loss(out.attentions, enc, labels if number_labels is None else number_labels, items)
+            loss = loss + args.attn_sup * att
             att_losses.append(float(att.detach()))
-        else:
-            loss = model(**enc, labels=labels).loss
+        if code_head is not None and step >= args.code_sup_from:
+            code = code_loss(out.hidden_states[0], enc, items)
+            loss = loss + args.code_sup * code
+            code_losses.append(float(code.detach()))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -294,7 +331,8 @@ def main() -> None:
         losses.append(float(loss.detach()))
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, "loss": round(float(np.mean(losses[-args.eval_every:])), 4),
-                          **({"attn_loss": round(float(np.mean(att_losses[-args.eval_every:])), 3)} if att_losses else {}), **evaluate(),
+                          **({"attn_loss": round(float(np.mean(att_losses[-args.eval_every:])), 3)} if att_losses else {}),
+                          **({"code_loss": round(float(np.mean(code_losses[-args.eval_every:])), 3)} if code_losses else {}), **evaluate(),
                           "s": round(time.time() - t0, 1)})
             print(curve[-1], flush=True)
     if args.out:

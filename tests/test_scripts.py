@@ -15,7 +15,7 @@ def test_probe_localisation_with_attention_supervision(tmp_path: Path) -> None:
     out = tmp_path / "probe.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "probe_localisation.py"), "--train-tasks", "16", "--eval-tasks", "4",
            "--steps", "2", "--eval-every", "2", "--batch", "4", "--workers", "1", "--threads", "1",
-           "--attn-sup", "1.0", "--vision-lr-scale", "0.5", "--set", "grid_code_alpha=0.6", "--out", str(out)]
+           "--attn-sup", "1.0", "--code-sup", "0.5", "--vision-lr-scale", "0.5", "--set", "grid_code_alpha=0.6", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -24,4 +24,29 @@ def test_probe_localisation_with_attention_supervision(tmp_path: Path) -> None:
     assert last["step"] == 2 and 0.0 <= last["hit"] <= 1.0
     # the attention term is a mean of -log(attention mass) over heads and layers: positive, finite
     assert math.isfinite(last["attn_loss"]) and last["attn_loss"] > 0.0
-    assert last["loss"] > last["attn_loss"]  # the total adds the cross-entropy
+    # the code term is a 16-way cross-entropy from a fresh linear head: near log(16) at first
+    assert math.isfinite(last["code_loss"]) and 0.5 < last["code_loss"] < 6.0
+    assert last["loss"] > last["attn_loss"] + 0.5 * last["code_loss"]  # the total adds the number's cross-entropy
+
+
+def test_number_positions_finds_every_digit_of_the_region_number() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from probe_localisation import number_positions
+    from transformers import AutoTokenizer
+
+    from mmgym.trainer.common import model_dir
+
+    tok = AutoTokenizer.from_pretrained(model_dir("embedded:focus_warm"))
+    for k in (3, 14):
+        prompt = tok("Where is it? 12 cells.")["input_ids"]
+        target = tok(f'<tool_call>{{"name": "zoom", "arguments": {{"region": {k}}}}}</tool_call>')["input_ids"]
+        ids, labels = prompt + target, [-100] * len(prompt) + target
+        pos = number_positions(ids, labels, tok.decode)
+        assert tok.decode([ids[j] for j in pos]).strip() == str(k)
+        assert pos[0] > len(prompt)  # the digits in the prompt are not the target's
+    try:
+        number_positions(prompt, [-100] * len(prompt), tok.decode)
+    except RuntimeError as e:
+        assert "no region number" in str(e)
+    else:
+        raise AssertionError("a target without a region number must be refused")

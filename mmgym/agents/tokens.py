@@ -20,6 +20,8 @@ prefix that precedes it in ``Trajectory.token_ids``.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,7 +30,8 @@ from mmgym.core import RolloutBatch, Trajectory
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Segment", "TokenState", "ModelInputs", "action_positions", "build_rollout_batch", "MODEL_INPUTS_KEY", "TEMPERATURE_KEY"]
+__all__ = ["Segment", "TokenState", "ModelInputs", "action_positions", "build_rollout_batch", "tool_argument_positions",
+           "MODEL_INPUTS_KEY", "TEMPERATURE_KEY"]
 
 SegmentKind = Literal["prompt", "obs", "given", "gen", "close"]
 
@@ -231,6 +234,45 @@ def action_positions(action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     valid = torch.arange(A, device=mask.device).expand(B, A) < counts.unsqueeze(1)
     positions = torch.where(valid, cols.gather(1, order), torch.full((), T, device=mask.device))
     return positions, valid
+
+
+_ARGS_OPEN = re.compile(r'"arguments"\s*:\s*\{')
+_ARG_VALUE = re.compile(r':\s*("(?:[^"\\]|\\.)*"|\[[^\]]*\]|[^,}\s][^,}]*)')
+
+
+def tool_argument_positions(traj: Trajectory, decode: Callable[[list[int]], str]) -> tuple[list[int], int]:
+    """Positions in ``traj.token_ids`` of the generated tokens that spell a tool call's
+    argument *values* (``{"region": 14}``: the tokens of ``14``; keys, the tool's name and
+    the JSON punctuation are not included), and the number of replies skipped because
+    their tokens do not decode piecewise to the reply's text (nothing is guessed there).
+
+    For a warm start that should teach a tool's format and what follows from its result,
+    but not which arguments to pass (``sft.mask_tool_arguments``)."""
+    out: list[int] = []
+    skipped = 0
+    for turn in traj.turns:
+        if turn.token_span is None or "<tool_call>" not in turn.action:
+            continue
+        lo, hi = turn.token_span
+        ids = traj.token_ids[lo:hi]
+        pieces = [decode([t]) for t in ids]
+        text = "".join(pieces)
+        if text != decode(ids):
+            skipped += 1
+            continue
+        spans: list[tuple[int, int]] = []
+        for opened in _ARGS_OPEN.finditer(text):
+            close = text.find("}", opened.end())
+            body_end = len(text) if close < 0 else close
+            for m in _ARG_VALUE.finditer(text, opened.end() - 1, body_end):
+                spans.append((m.start(1), m.end(1)))
+        pos = 0
+        for k, piece in enumerate(pieces):
+            start, end = pos, pos + len(piece)
+            pos = end
+            if piece.strip() and any(start < b and a < end for a, b in spans):
+                out.append(lo + k)
+    return out, skipped
 
 
 def _first_tool_turn(traj: Trajectory) -> int:

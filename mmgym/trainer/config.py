@@ -180,6 +180,10 @@ class SFTSection:
     zoom_noise: float = 0.0
     """Probability that a demonstration's zoom goes to a random place (then the answer is a
     guess): noisy demonstrations teach reading but not localisation."""
+    mask_tool_arguments: bool = False
+    """Leave the tokens of tool-call argument values (``14`` in ``{"region": 14}``) out of the
+    loss: the warm start learns the call's format and to read its result, not which
+    arguments to pass (that is left to RL)."""
 
     def __post_init__(self) -> None:
         if self.demonstrations < 1 or self.steps < 0 or self.batch_size < 1:

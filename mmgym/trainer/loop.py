@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmgym.agents import HFPolicy, RolloutCollector, RolloutSettings, SamplingParams
-from mmgym.agents.tokens import action_positions
+from mmgym.agents.tokens import action_positions, tool_argument_positions
 from mmgym.agents.vllm_backend import VLLMPolicy  # imports vLLM only when one is built
 from mmgym.algos import (
     POLICY_LOSSES,
@@ -234,6 +234,14 @@ class Trainer:
         # noisy demonstrations keep their (honest) guesses; clean ones must succeed
         good = [t for t in demos if t.token_ids and (t.success or cfg.sft.zoom_noise > 0)]
         log.info("demonstrations: %d of %d oracle episodes kept", len(good), len(demos))
+        if cfg.sft.mask_tool_arguments:
+            masked = skipped = 0
+            for t in good:
+                pos, bad = tool_argument_positions(t, self.policy.tokenizer.decode)
+                for j in pos:
+                    t.action_mask[j] = 0
+                masked, skipped = masked + len(pos), skipped + bad
+            self.log(0, {"masked_argument_tokens": float(masked), "unmasked_replies": float(skipped)}, "sft")
         return good
 
     def sft(self) -> None:

@@ -1,0 +1,40 @@
+"""``sft.mask_tool_arguments``: the warm start's loss skips tool-call argument values only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmgym.trainer.loop import Trainer
+from mmgym.trainer.run_dir import RunDir
+
+
+def _demos(tiny_config, root: Path, mask: bool):
+    cfg = tiny_config(root, "sft.enabled=true", "sft.demonstrations=4", "sft.steps=1", "sft.batch_size=2",
+                      f"sft.mask_tool_arguments={str(mask).lower()}", f"run_name=m{int(mask)}")
+    run = RunDir.create(root / f"m{int(mask)}", cfg)
+    try:
+        tr = Trainer(cfg, run, progress=False)
+        demos = tr.collect_demonstrations()
+        tr.collect_demonstrations = lambda: demos  # sft() trains on these very episodes
+        tr.sft()
+        return tr, demos, run
+    finally:
+        run.close()
+
+
+def test_argument_tokens_leave_the_loss_and_nothing_else_does(tiny_config, tmp_path: Path) -> None:
+    tr, plain, _ = _demos(tiny_config, tmp_path, False)
+    _, masked, run = _demos(tiny_config, tmp_path, True)
+    decode = tr.policy.tokenizer.decode
+    assert len(plain) == len(masked) == 4
+    for a, b in zip(plain, masked):
+        assert a.token_ids == b.token_ids  # the same oracle episodes
+        dropped = [j for j, (x, y) in enumerate(zip(a.action_mask, b.action_mask)) if x != y]
+        assert all(a.action_mask[j] == 1 and b.action_mask[j] == 0 for j in dropped)
+        # exactly the zoom's region number (one or two digits) left the loss
+        assert decode([a.token_ids[j] for j in dropped]).strip() == str(a.turns[0].tool_calls[0].arguments["region"])
+        assert sum(b.action_mask) == sum(a.action_mask) - len(dropped) > 0
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    counts = [r for r in rows if "masked_argument_tokens" in r]
+    assert counts and counts[0]["masked_argument_tokens"] >= 4 and counts[0]["unmasked_replies"] == 0

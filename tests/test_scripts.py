@@ -50,3 +50,13 @@ def test_number_positions_finds_every_digit_of_the_region_number() -> None:
         assert "no region number" in str(e)
     else:
         raise AssertionError("a target without a region number must be refused")
+
+
+def test_eval_oracle_zoom_zooms_with_the_oracle_then_lets_the_model_answer() -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "eval_oracle_zoom.py"), "embedded:focus_warm", "--episodes", "4"]
+    proc = subprocess.run(cmd, cwd=ROOT / "scripts", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["episodes"] == 4.0
+    assert result["zoom_hit"] == 1.0  # every first turn is the oracle's zoom onto the target
+    assert result["turns"] == 2.0 and 0.0 <= result["success"] <= 1.0  # then the model answers

@@ -245,6 +245,8 @@ def tool_argument_positions(traj: Trajectory, decode: Callable[[list[int]], str]
     argument *values* (``{"region": 14}``: the tokens of ``14``; keys, the tool's name and
     the JSON punctuation are not included), and the number of replies skipped because
     their tokens do not decode piecewise to the reply's text (nothing is guessed there).
+    Argument objects are read as flat JSON (as every mmgym tool's is): a value that is
+    itself an object, or a string holding ``}``, ends the object early.
 
     For a warm start that should teach a tool's format and what follows from its result,
     but not which arguments to pass (``sft.mask_tool_arguments``)."""

@@ -28,7 +28,7 @@ class OracleFirstTurn:
         self.oracle = DemonstrationPolicy(policy)
 
     def generate(self, conversations: Sequence[Any], sampling: Any) -> list[Any]:
-        first = [c.meta["env"].unwrapped._turn == 0 for c in conversations]
+        first = [c.turn == 0 for c in conversations]
         if all(first):
             return self.oracle.generate(conversations, sampling)
         if any(first):

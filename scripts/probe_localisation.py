@@ -227,23 +227,24 @@ def main() -> None:
             return text.split("<answer>", 1)[1].split("</answer>", 1)[0].strip()
         return int(text.split('"region":', 1)[1].split("}", 1)[0])
 
-    def batch_inputs(items: list[tuple[np.ndarray, str, int]], with_target: bool) -> tuple[dict[str, Any], torch.Tensor | None]:
+    def batch_inputs(items: list[tuple[np.ndarray, str, int]], with_target: bool) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+        """Model inputs, the cross-entropy labels (the number's digits left out with
+        ``--mask-number``) and the whole target's labels (where ``number_query`` looks)."""
         texts = [render(v, t, call(k) if with_target else None) for v, t, k, _ in items]
         tok.padding_side = "right" if with_target else "left"
         enc = proc(text=texts, images=[images_of(v) for v, *_ in items], return_tensors="pt", padding=True)
         if not with_target:
-            return enc, None
+            return enc, None, None
         labels = enc["input_ids"].clone()
         for i, (v, t, *_) in enumerate(items):
             n = len(proc(text=[render(v, t, None)], images=[images_of(v)], return_tensors="pt")["input_ids"][0])
             labels[i, :n] = -100
         labels[enc["attention_mask"] == 0] = -100
+        target = labels.clone()
         if args.mask_number:
-            full = labels.clone()
             for i in range(len(items)):
-                labels[i, number_positions(enc["input_ids"][i].tolist(), full[i].tolist(), tok.decode)] = -100
-            enc["_number_labels"] = full  # number_query reads these (popped before the forward)
-        return enc, labels
+                labels[i, number_positions(enc["input_ids"][i].tolist(), target[i].tolist(), tok.decode)] = -100
+        return enc, labels, target
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -251,7 +252,7 @@ def main() -> None:
         hits, parsed = 0, 0
         for lo in range(0, len(held), 50):
             part = held[lo: lo + 50]
-            enc, _ = batch_inputs(part, False)
+            enc, _, _ = batch_inputs(part, False)
             out = model.generate(**enc, max_new_tokens=24, do_sample=False)
             for row, (_, _, k, _) in zip(out[:, enc["input_ids"].shape[1]:], part):
                 text = tok.decode(row, skip_special_tokens=False)
@@ -271,16 +272,19 @@ def main() -> None:
     if args.attn_sup > 0:
         model.set_attn_implementation("eager")
 
-    def number_query(b: int, enc: dict[str, Any], labels: torch.Tensor) -> int:
+    def number_query(b: int, enc: dict[str, Any], target: torch.Tensor) -> int:
         """Position whose logits predict the region number's first token."""
-        return number_positions(enc["input_ids"][b].tolist(), enc.get("_number_labels", labels)[b].tolist(), tok.decode)[0] - 1
+        return number_positions(enc["input_ids"][b].tolist(), target[b].tolist(), tok.decode)[0] - 1
 
-    def attention_loss(attentions: tuple, enc: dict[str, Any], labels: torch.Tensor, items: list) -> torch.Tensor:
+    def markers_of(enc: dict[str, Any], items: list) -> list[int]:
+        """Sequence position of each row's marker token."""
+        return [marker_position(enc["input_ids"][b], enc["image_grid_thw"][b], item[3], image_id, merge)[0] for b, item in enumerate(items)]
+
+    def attention_loss(attentions: tuple, enc: dict[str, Any], target: torch.Tensor, markers: list[int]) -> torch.Tensor:
         layers = range(len(attentions)) if args.attn_layers == "all" else [int(v) for v in args.attn_layers.split(",")]
         terms = []
-        for b, item in enumerate(items):
-            q = number_query(b, enc, labels)
-            m, _ = marker_position(enc["input_ids"][b], enc["image_grid_thw"][b], item[3], image_id, merge)
+        for b, m in enumerate(markers):
+            q = number_query(b, enc, target)
             for layer in layers:
                 for h in heads:
                     terms.append(-torch.log(attentions[layer][b, h, q, m] + 1e-6))
@@ -289,10 +293,9 @@ def main() -> None:
     code_head = torch.nn.Linear(model.config.text_config.hidden_size, grid * grid) if args.code_sup > 0 else None
     code_losses: list[float] = []
 
-    def code_loss(hidden0: torch.Tensor, enc: dict[str, Any], items: list) -> torch.Tensor:
+    def code_loss(hidden0: torch.Tensor, markers: list[int], items: list) -> torch.Tensor:
         """Cross-entropy of the marker's cell from its image token's features (``code_head``)."""
-        rows = [hidden0[b, marker_position(enc["input_ids"][b], enc["image_grid_thw"][b], item[3], image_id, merge)[0]]
-                for b, item in enumerate(items)]
+        rows = [hidden0[b, m] for b, m in enumerate(markers)]
         target = torch.tensor([int(item[2]) - 1 for item in items])
         return torch.nn.functional.cross_entropy(code_head(torch.stack(rows)), target)
 
@@ -312,16 +315,16 @@ def main() -> None:
     losses: list[float] = []
     for step in range(1, args.steps + 1):
         items = [train[i] for i in rng.choice(len(train), size=args.batch, replace=False)]
-        enc, labels = batch_inputs(items, True)
-        number_labels = enc.pop("_number_labels", None)
+        enc, labels, target = batch_inputs(items, True)
+        markers = markers_of(enc, items) if args.attn_sup > 0 or code_head is not None else []
         out = model(**enc, labels=labels, output_attentions=args.attn_sup > 0, output_hidden_states=code_head is not None)
         loss = out.loss
         if args.attn_sup > 0:
-            att = attention_loss(out.attentions, enc, labels if number_labels is None else number_labels, items)
+            att = attention_loss(out.attentions, enc, target, markers)
             loss = loss + args.attn_sup * att
             att_losses.append(float(att.detach()))
         if code_head is not None and step >= args.code_sup_from:
-            code = code_loss(out.hidden_states[0], enc, items)
+            code = code_loss(out.hidden_states[0], markers, items)
             loss = loss + args.code_sup * code
             code_losses.append(float(code.detach()))
         opt.zero_grad()

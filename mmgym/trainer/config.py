@@ -184,6 +184,12 @@ class SFTSection:
     """Leave the tokens of tool-call argument values (``14`` in ``{"region": 14}``) out of the
     loss: the warm start learns the call's format and to read its result, not which
     arguments to pass (that is left to RL)."""
+    mask_guesses: bool = False
+    """Leave out of the loss the answers that noisy demonstrations guess after a zoom that
+    missed (the last turn of an episode whose ``zoom_hit`` metric is 0): with
+    ``zoom_noise=1`` the warm start then names a region uniformly at random (every region
+    explored, nothing learned about where to look) and learns to answer only from zooms
+    that show the target."""
 
     def __post_init__(self) -> None:
         if self.demonstrations < 1 or self.steps < 0 or self.batch_size < 1:

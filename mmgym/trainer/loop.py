@@ -242,6 +242,14 @@ class Trainer:
                     t.action_mask[j] = 0
                 masked, skipped = masked + len(pos), skipped + bad
             self.log(0, {"masked_argument_tokens": float(masked), "unmasked_replies": float(skipped)}, "sft")
+        if cfg.sft.mask_guesses:
+            guesses = 0
+            for t in good:
+                span = t.turns[-1].token_span if t.turns else None
+                if span is not None and float(t.info.get("metrics", {}).get("zoom_hit", 1.0)) <= 0.0:
+                    t.action_mask[span[0]:span[1]] = [0] * (span[1] - span[0])
+                    guesses += 1
+            self.log(0, {"masked_guesses": float(guesses)}, "sft")
         return good
 
     def sft(self) -> None:

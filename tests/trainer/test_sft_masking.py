@@ -38,3 +38,32 @@ def test_argument_tokens_leave_the_loss_and_nothing_else_does(tiny_config, tmp_p
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     counts = [r for r in rows if "masked_argument_tokens" in r]
     assert counts and counts[0]["masked_argument_tokens"] >= 4 and counts[0]["unmasked_replies"] == 0
+
+
+def test_guessed_answers_leave_the_loss(tiny_config, tmp_path: Path) -> None:
+    """With ``zoom_noise=1`` every zoom is random; ``mask_guesses`` drops exactly the answer
+    turns of the episodes whose zoom missed (the guesses) and keeps the calls and the
+    answers read from a zoom that showed the target."""
+    common = ("sft.enabled=true", "sft.demonstrations=24", "sft.steps=0", "sft.zoom_noise=1.0")
+    runs = {}
+    for mask in (False, True):
+        cfg = tiny_config(tmp_path, *common, f"sft.mask_guesses={str(mask).lower()}", f"run_name=g{int(mask)}")
+        run = RunDir.create(tmp_path / f"g{int(mask)}", cfg)
+        try:
+            runs[mask] = (Trainer(cfg, run, progress=False).collect_demonstrations(), run)
+        finally:
+            run.close()
+    (plain, _), (masked, run) = runs[False], runs[True]
+    missed = [float(t.info["metrics"]["zoom_hit"]) == 0.0 for t in plain]
+    assert any(missed) and not all(missed)  # 24 random zooms on a grid: both kinds occur
+    for a, b, miss in zip(plain, masked, missed):
+        assert a.token_ids == b.token_ids
+        lo, hi = a.turns[-1].token_span
+        first_lo, first_hi = a.turns[0].token_span
+        assert b.action_mask[first_lo:first_hi] == a.action_mask[first_lo:first_hi]  # the zoom call stays in
+        if miss:
+            assert sum(b.action_mask[lo:hi]) == 0 and sum(a.action_mask[lo:hi]) > 0
+        else:
+            assert b.action_mask == a.action_mask
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["masked_guesses"] for r in rows if "masked_guesses" in r] == [float(sum(missed))]

@@ -9,10 +9,11 @@ from mmgym.trainer.loop import Trainer
 from mmgym.trainer.run_dir import RunDir
 
 
-def _demos(tiny_config, root: Path, mask: bool):
+def _demos(tiny_config, root: Path, name: str, *overrides: str):
+    """The oracle demonstrations of a run ``name`` (``overrides`` win), after one SFT pass on them."""
     cfg = tiny_config(root, "sft.enabled=true", "sft.demonstrations=4", "sft.steps=1", "sft.batch_size=2",
-                      f"sft.mask_tool_arguments={str(mask).lower()}", f"run_name=m{int(mask)}")
-    run = RunDir.create(root / f"m{int(mask)}", cfg)
+                      *overrides, f"run_name={name}")
+    run = RunDir.create(root / name, cfg)
     try:
         tr = Trainer(cfg, run, progress=False)
         demos = tr.collect_demonstrations()
@@ -24,8 +25,8 @@ def _demos(tiny_config, root: Path, mask: bool):
 
 
 def test_argument_tokens_leave_the_loss_and_nothing_else_does(tiny_config, tmp_path: Path) -> None:
-    tr, plain, _ = _demos(tiny_config, tmp_path, False)
-    _, masked, run = _demos(tiny_config, tmp_path, True)
+    tr, plain, _ = _demos(tiny_config, tmp_path, "m0", "sft.mask_tool_arguments=false")
+    _, masked, run = _demos(tiny_config, tmp_path, "m1", "sft.mask_tool_arguments=true")
     decode = tr.policy.tokenizer.decode
     assert len(plain) == len(masked) == 4
     for a, b in zip(plain, masked):
@@ -44,16 +45,9 @@ def test_guessed_answers_leave_the_loss(tiny_config, tmp_path: Path) -> None:
     """With ``zoom_noise=1`` every zoom is random; ``mask_guesses`` drops exactly the answer
     turns of the episodes whose zoom missed (the guesses) and keeps the calls and the
     answers read from a zoom that showed the target."""
-    common = ("sft.enabled=true", "sft.demonstrations=24", "sft.steps=0", "sft.zoom_noise=1.0")
-    runs = {}
-    for mask in (False, True):
-        cfg = tiny_config(tmp_path, *common, f"sft.mask_guesses={str(mask).lower()}", f"run_name=g{int(mask)}")
-        run = RunDir.create(tmp_path / f"g{int(mask)}", cfg)
-        try:
-            runs[mask] = (Trainer(cfg, run, progress=False).collect_demonstrations(), run)
-        finally:
-            run.close()
-    (plain, _), (masked, run) = runs[False], runs[True]
+    common = ("sft.demonstrations=24", "sft.steps=0", "sft.zoom_noise=1.0")
+    _, plain, _ = _demos(tiny_config, tmp_path, "g0", *common, "sft.mask_guesses=false")
+    _, masked, run = _demos(tiny_config, tmp_path, "g1", *common, "sft.mask_guesses=true")
     missed = [float(t.info["metrics"]["zoom_hit"]) == 0.0 for t in plain]
     assert any(missed) and not all(missed)  # 24 random zooms on a grid: both kinds occur
     for a, b, miss in zip(plain, masked, missed):

@@ -15,7 +15,8 @@ def test_probe_localisation_with_attention_supervision(tmp_path: Path) -> None:
     out = tmp_path / "probe.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "probe_localisation.py"), "--train-tasks", "16", "--eval-tasks", "4",
            "--steps", "2", "--eval-every", "2", "--batch", "4", "--workers", "1", "--threads", "1",
-           "--attn-sup", "1.0", "--code-sup", "0.5", "--vision-lr-scale", "0.5", "--set", "grid_code_alpha=0.6", "--out", str(out)]
+           "--attn-sup", "1.0", "--code-sup", "0.5", "--vision-lr-scale", "0.5", "--set", "grid=4",
+           "--model", "embedded:focus_read", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -49,7 +49,7 @@ class EnvSection:
     ``mmgym/ChainOfFocus-v0`` (region zoom, see ``_default_env_kwargs``), none for other ids."""
     eval_episodes: int = 200
     """Held-out evaluation tasks: ``task_index`` 0..eval_episodes-1, never drawn in training."""
-    eval_every: int = 20
+    eval_every: int = 30
     """Evaluate every this many RL iterations (0: only before and after RL)."""
     backend: str = "local"
     """Where the RL rollouts' envs run (``mmgym.envs.pool.BACKENDS``): ``local`` in the
@@ -261,9 +261,9 @@ class DurianSection(DurianConfig):
 
 @dataclass(frozen=True)
 class AlgoSection:
-    estimator: EstimatorConfig = field(default_factory=lambda: EstimatorConfig(estimator="mt_grpo", mt_lambda=2.0))
+    estimator: EstimatorConfig = field(default_factory=lambda: EstimatorConfig(estimator="mt_grpo", mt_lambda=3.0))
     """Advantage estimator (``mmgym.algos.ESTIMATORS``). Default: MT-GRPO with the zoom turn's
-    own advantage counted twice (``mt_lambda`` 2; the paper's 1 taught the embedded model
+    own advantage weighted 3 (``mt_lambda``; the paper's 1 and 2 taught the embedded model
     where to look more slowly: README, "Results")."""
     loss: LossConfig = field(default_factory=lambda: LossConfig(kl_coef=0.01, clip_high=0.28))
     ppo_epochs: int = 1

@@ -15,7 +15,7 @@ linear read-outs (logistic regression, 3/4 of the tasks to fit, 1/4 to score; ch
 
     python scripts/probe_readout.py embedded:focus_warm --set grid_code_alpha=0.6
 
-Findings of session 4 are in the README ("Where localisation fails").
+Findings of session 4 are in docs/focus_localisation_history.md ("Where localisation fails").
 """
 
 from __future__ import annotations

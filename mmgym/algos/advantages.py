@@ -222,6 +222,10 @@ class EstimatorConfig:
     """Discount of GiGPO's per-step returns R_t = sum_k step_gamma^(k-t) r_k."""
     mt_lambda: float = 1.0
     """MT-GRPO weight of the turn advantage on tokens up to the first tool result."""
+    mt_outcome: Literal["final", "total"] = "final"
+    """MT-GRPO's outcome reward R_O: ``final`` (the paper's) is the episode return minus the
+    turn rewards already counted in R_T, so a tool turn's own reward is not paid again to
+    every later turn; ``total`` is the episode return as given."""
     igpo_gamma: float = 1.0
     """Discount of IGPO's cumulative turn advantage (IGPO default 1.0)."""
     igpo_norm: Literal["joint", "separate"] = "joint"
@@ -236,6 +240,8 @@ class EstimatorConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
         if self.gigpo_mode not in ("mean_norm", "mean_std_norm"):
             raise ValueError(f"gigpo_mode must be 'mean_norm' or 'mean_std_norm', got {self.gigpo_mode!r}")
+        if self.mt_outcome not in ("final", "total"):
+            raise ValueError(f"mt_outcome must be 'final' or 'total', got {self.mt_outcome!r}")
         if self.igpo_norm not in ("joint", "separate"):
             raise ValueError(f"igpo_norm must be 'joint' or 'separate', got {self.igpo_norm!r}")
         if self.estimator not in ESTIMATORS:
@@ -636,7 +642,11 @@ def mt_grpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
     A = A^O + lambda * A^T on first-turn tokens, A^O after).
 
     R_T = sum of ``turn_rewards`` over turns ``k <= first_tool_turn`` that are not the last
-    real turn (the last turn holds the outcome); R_O = ``outcome``. Each is GRPO-normalised
+    real turn (the last turn holds the outcome). R_O is the outcome reward: with
+    ``mt_outcome="final"`` (default, the paper's split of turn-level and outcome rewards)
+    ``outcome - R_T``, since ``outcome`` is the whole episode return and would otherwise pay
+    the tool turn's reward to the answer turn too (a wrong answer after a rewarded tool call
+    would be pushed up); with ``"total"`` ``outcome`` as given. Each is GRPO-normalised
     within the group (A_T, A_O). Tokens of turns up to and including the first tool call
     get A_O + mt_lambda * A_T, later turns' tokens A_O (with no tool call at all, every
     turn is "before the tool result"). Returns (B, T).
@@ -648,7 +658,8 @@ def mt_grpo(inputs: AdvantageInputs, cfg: EstimatorConfig) -> AdvantageOutput:
     in_turn_reward = inputs.turn_mask & early & (k.unsqueeze(0) != last.unsqueeze(1))
     r_turn = torch.where(in_turn_reward, inputs.turn_rewards, _zero(inputs.turn_rewards)).sum(dim=1)
     a_turn = group_normalize(r_turn, seg, n, std=True, eps=cfg.eps)
-    a_out = group_normalize(inputs.outcome, seg, n, std=True, eps=cfg.eps)
+    r_out = inputs.outcome - r_turn if cfg.mt_outcome == "final" else inputs.outcome
+    a_out = group_normalize(r_out, seg, n, std=True, eps=cfg.eps)
     per_turn = a_out.unsqueeze(1) + torch.where(early, cfg.mt_lambda * a_turn.unsqueeze(1), _zero(a_turn))
     return AdvantageOutput(broadcast_turn_values(per_turn, inputs.token_turn, inputs.action_mask))
 

@@ -261,10 +261,13 @@ class DurianSection(DurianConfig):
 
 @dataclass(frozen=True)
 class AlgoSection:
-    estimator: EstimatorConfig = field(default_factory=lambda: EstimatorConfig(estimator="mt_grpo", mt_lambda=3.0))
+    estimator: EstimatorConfig = field(
+        default_factory=lambda: EstimatorConfig(estimator="mt_grpo", mt_lambda=3.0, mt_outcome="total"))
     """Advantage estimator (``mmgym.algos.ESTIMATORS``). Default: MT-GRPO with the zoom turn's
-    own advantage weighted 3 (``mt_lambda``; the paper's 1 and 2 taught the embedded model
-    where to look more slowly: README, "Results")."""
+    own advantage weighted 3 (``mt_lambda``; the paper's 1, and 2, taught the embedded model
+    where to look more slowly) and the whole episode return as its outcome reward
+    (``mt_outcome="total"``: the paper's ``final`` did as well on two of three seeds and
+    worse on the third). Measurements: README, "Results"."""
     loss: LossConfig = field(default_factory=lambda: LossConfig(kl_coef=0.01, clip_high=0.28))
     ppo_epochs: int = 1
     minibatch_size: int = 32

@@ -251,12 +251,13 @@ def mt_grpo(inp: AdvantageInputs, cfg: EstimatorConfig) -> list[list[float]]:
         f = d["first_tool_turn"][b]
         r_turn.append(sum(d["turn_rewards"][b][k] for k in real if k <= f and k != last))
     by_t = _groups(r_turn, d["group_ids"])
-    by_o = _groups(d["outcome"], d["group_ids"])
+    r_out = [o - rt if cfg.mt_outcome == "final" else o for o, rt in zip(d["outcome"], r_turn)]
+    by_o = _groups(r_out, d["group_ids"])
     per_turn = []
     for b, mask in enumerate(d["turn_mask"]):
         g = d["group_ids"][b]
         a_t = _normalise(r_turn[b], by_t[g], True, cfg.eps)
-        a_o = _normalise(d["outcome"][b], by_o[g], True, cfg.eps)
+        a_o = _normalise(r_out[b], by_o[g], True, cfg.eps)
         f = d["first_tool_turn"][b]
         per_turn.append([a_o + cfg.mt_lambda * a_t if k <= f else a_o for k in range(len(mask))])
     return _tokens_from_turns(d, per_turn)

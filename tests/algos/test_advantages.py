@@ -265,9 +265,34 @@ def test_mt_grpo_by_hand():
     )
     # R_T: 1, 0 | 0.5, 0 (the last turn's reward is the outcome's) -> A_T = +-0.7071
     # A_O = +-0.7071; lambda 0.5: early turns A_O + 0.5 A_T = +-1.06066
-    adv = run("mt_grpo", inputs, mt_lambda=0.5).advantages
+    adv = run("mt_grpo", inputs, mt_lambda=0.5, mt_outcome="total").advantages
     expected = [[1.06066, 0.70711], [-1.06066, -0.70711], [1.06066, 1.06066], [-1.06066, -1.06066]]
     torch.testing.assert_close(adv, t(expected), atol=2e-5, rtol=0)
+
+
+def test_mt_grpo_outcome_leaves_out_the_tool_turn_reward():
+    # One group of three 2-turn episodes, zoom (turn 0, reward 0.5 on a hit) then answer
+    # (turn 1, reward 1 if right); outcome = episode return:
+    #   A: hit, wrong answer  -> 0.5    B: miss, right guess -> 1.0    C: miss, wrong -> 0.0
+    inputs = multi_turn(
+        [[0, 1], [0, 1], [0, 1]],
+        [[0.5, 0.0], [0.0, 1.0], [0.0, 0.0]],
+        [0, 0, 0],
+        outcome=[0.5, 1.0, 0.0],
+        first_tool_turn=[0, 0, 0],
+    )
+    # R_T = 0.5, 0, 0: mean 1/6, unbiased std 0.288675 -> A_T = 1.1547, -0.57735, -0.57735.
+    # "final": R_O = outcome - R_T = 0, 1, 0 -> A_O = -0.57735, 1.1547, -0.57735, so A's wrong
+    # answer is pushed down; lambda 1 on turn 0.
+    adv = run("mt_grpo", inputs, mt_lambda=1.0).advantages
+    expected = [[0.57735, -0.57735], [0.57735, 1.1547], [-1.1547, -0.57735]]
+    torch.testing.assert_close(adv, t(expected), atol=2e-5, rtol=0)
+    # "total": R_O = 0.5, 1, 0 -> A_O = 0, 1, -1: A's wrong answer gets no push down at all
+    adv = run("mt_grpo", inputs, mt_lambda=1.0, mt_outcome="total").advantages
+    expected = [[1.1547, 0.0], [0.42265, 1.0], [-1.57735, -1.0]]
+    torch.testing.assert_close(adv, t(expected), atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="mt_outcome"):
+        EstimatorConfig(mt_outcome="sum")
 
 
 def test_information_gain_rewards_by_hand():
@@ -325,7 +350,7 @@ CONFIGS = {
     "gae": [{"gamma": 0.99, "lam": 0.95}, {"gamma": 1.0, "lam": 1.0, "whiten": False}],
     "gigpo": [{}, {"gigpo_mode": "mean_std_norm", "gigpo_weight": 0.5, "step_gamma": 0.9}],
     "bilevel_gae": [{}, {"gamma_turn": 0.9, "lam_turn": 0.8, "gamma_token": 0.95, "lam": 0.9, "whiten": False}],
-    "mt_grpo": [{}, {"mt_lambda": 0.3}],
+    "mt_grpo": [{}, {"mt_lambda": 0.3}, {"mt_outcome": "total"}],
     "igpo": [{}, {"igpo_norm": "separate", "igpo_gamma": 0.9}],
 }
 

@@ -16,7 +16,7 @@ The result reads a zoomed marker, has the features to find it, and names a regio
 uniformly at random: RL (``mmgym train``) has to teach it which one. About 15 minutes on
 2 CPU cores. Deterministic for a given seed and machine.
 
-    python scripts/build_warm_start.py [--work DIR] [--from embedded:focus_read] [key=value ...]
+    python scripts/build_warm_start.py [--work DIR] [--from embedded:focus_read] [--dest DIR] [key=value ...]
 
 ``key=value`` overrides go to stage C.
 """
@@ -51,9 +51,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="runs/warm_start_build", help="folder for the stages' models and run")
     ap.add_argument("--from", dest="start", default="embedded:focus_read")
+    ap.add_argument("--dest", type=Path, default=DEST,
+                    help="where the model goes (default: the shipped asset, replaced; another folder must not exist)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    work = Path(args.work)
+    work, dest = Path(args.work), args.dest
+    if dest.resolve() != DEST.resolve() and dest.exists():
+        sys.exit(f"{dest} exists; pick another --dest folder (only the shipped asset is replaced)")
     if work.exists():
         sys.exit(f"{work} exists; pick another --work folder (nothing is overwritten)")
     work.mkdir(parents=True)
@@ -63,16 +67,16 @@ def main() -> None:
                       [f"out_root={work}", "run_name=stage_c", f"model.path={work / 'stage_b'}", *args.overrides])
     summary = train(cfg)
     src = model_dir(summary["run_dir"])
-    if DEST.exists():
-        shutil.rmtree(DEST)
-    shutil.copytree(src, DEST)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
     stages = [{"from": args.start, "script": "scripts/probe_localisation.py", "args": STAGE_A},
               {"from": "stage A", "script": "scripts/probe_localisation.py", "args": STAGE_B},
               {"from": "stage B", "config": "examples/focus_warm_start.yaml", "overrides": args.overrides}]
-    (DEST / "warm_start.json").write_text(json.dumps({"built_by": "python scripts/build_warm_start.py", "stages": stages,
+    (dest / "warm_start.json").write_text(json.dumps({"built_by": "python scripts/build_warm_start.py", "stages": stages,
                                                        "held_out_success": summary.get("warm_start")}, indent=2))
     print(json.dumps(summary, indent=2))
-    print(f"warm start copied to {DEST}")
+    print(f"warm start copied to {dest}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ bad combinations with the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
 from mmgym.algos import (
@@ -385,6 +385,11 @@ class TrainConfig:
     algo: AlgoSection = field(default_factory=AlgoSection)
     optim: OptimSection = field(default_factory=OptimSection)
     learner: LearnerSection = field(default_factory=LearnerSection)
+
+    def with_resolved_env(self) -> TrainConfig:
+        """This config with ``env.kwargs`` spelled out (``env.make_kwargs``), so a run folder's
+        config.yaml keeps the task it ran even when the defaults change later."""
+        return replace(self, env=replace(self.env, kwargs=self.env.make_kwargs))
 
     def __post_init__(self) -> None:
         if self.iterations < 0:

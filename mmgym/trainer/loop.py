@@ -637,6 +637,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None, progress: bool 
     if resume is not None:
         run = RunDir.open_for_resume(Path(resume))
     else:
+        cfg = cfg.with_resolved_env()  # config.yaml records the task itself, not "the default"
         name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-s{cfg.seed}"
         path = Path(cfg.out_root) / name
         run = RunDir.create(path, cfg) if dist_utils.is_main() else RunDir(path)

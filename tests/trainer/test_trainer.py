@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 TINY = [
@@ -41,6 +42,10 @@ def test_train_smoke_writes_the_run_folder(tmp_path: Path) -> None:
     assert list(run.glob("episodes/*/index.html")) and list(run.glob("episodes/*/episode_000_files/*.png"))
     phases = {json.loads(line)["phase"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert {"sft", "rl", "eval"} <= phases
+    # the run was given no env kwargs: config.yaml records the default task it ran, spelled out
+    from mmgym.trainer.config import _default_env_kwargs
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["env"]["kwargs"] == _default_env_kwargs()
     cks = sorted((run / "checkpoints").iterdir())
     assert [c.name for c in cks][-1] == "step_0000002" and len(cks) <= 3
     # parameters changed between the warm start and the end of RL

@@ -231,7 +231,8 @@ class AskToActEnv(MMEnv):
         question_cost: paid (as a negative ``question`` term) per question beyond the minimum.
         wrong_pick_penalty: paid (as a negative ``wrong_pick`` term) per pick of a non-target.
         user: any ``(question, target_description) -> str``; default ``RuleBasedUser()``.
-        describe_objects: also list each object's size, colour and category in text.
+        describe_objects: also list each object's size, colour and category in text: every
+            object by receptacle under the map, and the objects of a close-up view.
         map_size / view_size: sides of the top-down map and the egocentric close-up (px).
     """
 
@@ -294,11 +295,24 @@ class AskToActEnv(MMEnv):
             f"Receptacles (number on the map: name): {recs}.\n"
             f"Objects are drawn as shapes ({legend}) in colours and in three sizes (small, medium, large); "
             "close-up views show each object's id number.\n"
+            f"{self._map_listing(scene)}"
             "Tools: navigate(receptacle) to go to a receptacle and see it close up; pick(object_id) there; "
             "place(receptacle) where you are; ask(question) to ask the user about the object they mean "
             f"(each question beyond those needed costs {self.question_cost:g}; picking a wrong object costs "
             f"{self.wrong_pick_penalty:g}); done() when the object is in place. At most {self.max_calls_per_turn} tool call(s) per turn."
         )
+
+    def _map_listing(self, scene: Scene) -> str:
+        """With ``describe_objects``: what the map shows, in text (receptacle: id (size colour
+        category), ...), so a model that cannot read the drawing still sees every object."""
+        if not self.describe_objects:
+            return ""
+        per_rec = []
+        for rid in scene.receptacles:
+            objs = [o for o in scene.objects.values() if o.receptacle == rid]
+            if objs:
+                per_rec.append(f"{rid}: " + ", ".join(f"{o.oid} ({o.describe()})" for o in objs))
+        return "On the map: " + "; ".join(per_rec) + ".\n"
 
     def tool_state(self, task: AskTask) -> AskState:
         return AskState(task.scene, task.scene.copy_objects(), self.user, self.view_size, self.describe_objects)

@@ -353,3 +353,14 @@ def test_baselines_on_sixty_tasks() -> None:
     expected = np.mean([1.0 / r["num_candidates"] for r in amb])
     assert abs(np.mean([r["success"] for r in amb]) - expected) < 0.25
     assert all(r["success"] for r in res["never_ask"] if r["ambiguity"] == "unambiguous")
+
+
+def test_describe_objects_lists_the_map_in_text_and_only_then() -> None:
+    env = env_of("combination", 3, describe_objects=True)
+    scene = env.task.scene
+    prompt = env.task.prompt
+    listing = prompt.split("On the map: ", 1)[1].split("\n", 1)[0]
+    for o in scene.objects.values():  # every object, under its own receptacle
+        seg = next(s for s in listing.rstrip(".").split("; ") if s.startswith(f"{o.receptacle}: "))
+        assert f"{o.oid} ({o.describe()})" in seg
+    assert "On the map:" not in env_of("combination", 3).task.prompt

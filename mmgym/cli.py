@@ -85,6 +85,14 @@ def _cmd_train(args: argparse.Namespace, *, sft_only: bool = False) -> int:
     return 0
 
 
+def _run_folder_of(path: Path) -> Path | None:
+    """The run folder that ``path`` is, or holds ``path`` (``RUN/checkpoints/STEP[/model]``)."""
+    for p in (path, *path.parents):
+        if (p / "config.yaml").is_file() and (p == path or (p / "checkpoints") in path.parents):
+            return p
+    return None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -94,18 +102,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     src = model_dir(args.checkpoint)
     if not src.is_dir():
         raise ConfigError(f"{args.checkpoint!r} is not a run folder, checkpoint or model folder")
-    env_id, env_kwargs, tool_schemas = args.env or "mmgym/ChainOfFocus-v0", _kv(args.env_kwargs), True
-    run_cfg = Path(args.checkpoint) / "config.yaml"
-    if run_cfg.is_file():  # a run folder: evaluate on its own env unless told otherwise
+    env_id, env_kwargs, tool_schemas, max_new = args.env or "mmgym/ChainOfFocus-v0", _kv(args.env_kwargs), True, 40
+    run_dir = _run_folder_of(Path(args.checkpoint).resolve())
+    if run_dir is not None:  # a run folder or one of its checkpoints: evaluate as the run did, unless told otherwise
         from mmgym.trainer.run_dir import RunDir
 
-        cfg = RunDir.open_for_resume(Path(args.checkpoint)).train_config()
+        cfg = RunDir.open_for_resume(run_dir).train_config()
         if args.env is None:
             env_id = cfg.env.id
             env_kwargs = {**cfg.env.make_kwargs, **env_kwargs}
-        tool_schemas = cfg.rollout.tool_schemas
+        tool_schemas, max_new = cfg.rollout.tool_schemas, cfg.rollout.max_new_tokens
+        print(f"mmgym eval: prompts and env settings from the run folder {run_dir}", file=sys.stderr)
+    if args.tool_schemas is not None:
+        tool_schemas = args.tool_schemas
+    if args.max_new_tokens is not None:
+        max_new = args.max_new_tokens
     policy = HFPolicy(src)
-    metrics, _ = evaluate(policy, env_id, env_kwargs, episodes=args.episodes, max_new_tokens=args.max_new_tokens,
+    metrics, _ = evaluate(policy, env_id, env_kwargs, episodes=args.episodes, max_new_tokens=max_new,
                           tool_schemas=tool_schemas, pages_dir=Path(args.out) if args.out else None,
                           pages=args.pages if args.out else 0, progress=True)
     print(json.dumps(metrics, indent=2))
@@ -152,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--env", default=None, help="env id (default: the run's env, else mmgym/ChainOfFocus-v0)")
     ev.add_argument("--env-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
     ev.add_argument("--episodes", type=int, default=200)
-    ev.add_argument("--max-new-tokens", type=int, default=40)
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's rollout.max_new_tokens, else 40")
+    ev.add_argument("--tool-schemas", action=argparse.BooleanOptionalAction, default=None,
+                    help="list the tools' JSON schemas in the prompt (default: as the run did, else yes)")
     ev.add_argument("--out", default=None, help="write sample episode pages here")
     ev.add_argument("--pages", type=int, default=8)
     ev.set_defaults(fn=_cmd_eval)

@@ -59,6 +59,12 @@ def test_train_smoke_writes_the_run_folder(tmp_path: Path) -> None:
     assert '"success"' in e.stdout
     e = _mmgym("eval", str(cks[-1] / "model"), "--episodes", "2", "--env", "mmgym/VQA-v0")
     assert e.returncode == 0 and '"success"' in e.stdout, e.stderr[-2000:]
+    # a checkpoint inside the run (the warm start) is evaluated with the run's prompts and env
+    e = _mmgym("eval", str(cks[0] / "model"), "--episodes", "2")
+    assert e.returncode == 0 and '"success"' in e.stdout, e.stderr[-2000:]
+    assert f"settings from the run folder {run.resolve()}" in e.stderr
+    e = _mmgym("eval", str(cks[0] / "model"), "--episodes", "2", "--env", "mmgym/VQA-v0", "--no-tool-schemas")
+    assert e.returncode == 0 and '"success"' in e.stdout, e.stderr[-2000:]
 
 
 def test_existing_run_folder_is_refused(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Env steps per second: 64 ChainOfFocus envs stepped by the oracle, 1 process vs the pool.
 
-Run: python benchmarks/env_pool.py [--envs 64] [--workers 2] [--seconds 20] [--policy both]
+Run: python benchmarks/env_pool.py [--envs 64] [--workers 2] [--seconds 20] [--policy both] [--linger-ms 3]
 Goal (issue "Scale"): the process pool on 2 cores reaches at least 1.7x the 1-process rate.
 
 Both runs use the same asynchronous loop over the pool interface, with one of two scripted
@@ -17,6 +17,11 @@ The 1-process baseline is ``LocalEnvPool`` (same loop, envs in this process), me
 OpenCV's default thread pool (which already spreads ChainOfFocus's canvas drawing over the
 cores) and with one thread, as each pool worker runs. Resets (drawing a 1-2k px canvas)
 dominate the cost; a zoom step is well under a millisecond.
+
+The pool runs twice: with ``poll(linger_s=0.003)`` (after the first reply, the loop waits
+3 ms and takes every reply that came meanwhile, so it wakes once per batch) and without
+(it wakes for almost every reply). On 2 cores, each wake-up of the loop preempts a worker
+in the middle of an env step.
 
 With the embedded model generating the replies (episodes/s of whole ``collect`` calls, local
 envs vs the pool, and the share of time spent waiting on envs): ``benchmarks/rollout_pool.py``.
@@ -42,7 +47,7 @@ def parent_plan(info: dict, rng: random.Random) -> list[str]:
     return [f"<tool_call>{json.dumps(c)}</tool_call>" for c in calls] + [f"<answer>{rng.choice('ABCD')}</answer>"]
 
 
-def run(pool, num_envs: int, seconds: float, policy: str = "parent") -> dict[str, float]:
+def run(pool, num_envs: int, seconds: float, policy: str = "parent", linger_s: float = 0.0) -> dict[str, float]:
     """Steps/s and episodes/s over ``seconds`` of scripted play on every env."""
     rng = random.Random(0)
     plans: dict[int, list[str]] = {}
@@ -54,7 +59,7 @@ def run(pool, num_envs: int, seconds: float, policy: str = "parent") -> dict[str
     t0 = time.perf_counter()
     end = t0 + seconds
     while time.perf_counter() < end:
-        for i, r in pool.poll(timeout=1.0):
+        for i, r in pool.poll(timeout=1.0, linger_s=linger_s):
             if r.op == "call":
                 pool.submit(i, r.value)
                 continue
@@ -78,22 +83,28 @@ def run(pool, num_envs: int, seconds: float, policy: str = "parent") -> dict[str
 
 
 def compare(args: argparse.Namespace, policy: str) -> dict[str, object]:
-    """1 process (default threads), the pool, 1 process on 1 thread: one policy, one run."""
+    """1 process (default threads), the pool (with and without ``poll(linger_s=...)``), 1
+    process on 1 thread: one policy, one run."""
     import cv2
 
     threads = cv2.getNumThreads()
+    pool_name = f"pool_{args.workers}_workers"
     out: dict[str, object] = {}
     with make_pool("local", args.env_id, args.envs) as pool:
         out["one_process"] = run(pool, args.envs, args.seconds, policy)
-    with make_pool("process", args.env_id, args.envs, num_workers=args.workers, step_timeout_s=120.0) as pool:
-        out[f"pool_{args.workers}_workers"] = run(pool, args.envs, args.seconds, policy)
+    lingers = [(pool_name, args.linger_ms / 1000)] + ([(pool_name + "_no_linger", 0.0)] if args.linger_ms > 0 else [])
+    for name, linger in lingers:
+        with make_pool("process", args.env_id, args.envs, num_workers=args.workers, step_timeout_s=120.0) as pool:
+            out[name] = run(pool, args.envs, args.seconds, policy, linger)
     limit_threads(1)  # the pool's workers run OpenCV single-threaded; the same for a 1-core baseline
     with make_pool("local", args.env_id, args.envs) as pool:
         out["one_process_1_thread"] = run(pool, args.envs, args.seconds, policy)
     limit_threads(threads)
-    pool_rate = out[f"pool_{args.workers}_workers"]["steps_per_s"]  # type: ignore[index]
-    out["speedup_vs_one_process"] = pool_rate / out["one_process"]["steps_per_s"]  # type: ignore[index]
-    out["speedup_vs_one_process_1_thread"] = pool_rate / out["one_process_1_thread"]["steps_per_s"]  # type: ignore[index]
+    for name, _ in lingers:
+        rate = out[name]["steps_per_s"]  # type: ignore[index]
+        tag = name.removeprefix(pool_name)
+        out["speedup" + tag + "_vs_one_process"] = rate / out["one_process"]["steps_per_s"]  # type: ignore[index]
+        out["speedup" + tag + "_vs_one_process_1_thread"] = rate / out["one_process_1_thread"]["steps_per_s"]  # type: ignore[index]
     return out
 
 
@@ -104,6 +115,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--env-id", default="mmgym/ChainOfFocus-v0")
     ap.add_argument("--policy", choices=("parent", "oracle", "both"), default="both")
+    ap.add_argument("--linger-ms", type=float, default=3.0,
+                    help="the pool's poll(linger_s=...): after a reply, collect others for this long (0: off; "
+                         "when on, the pool also runs without it)")
     args = ap.parse_args()
     out: dict[str, object] = {"env": args.env_id, "envs": args.envs, "cpu_count": os.cpu_count()}
     for policy in ("parent", "oracle") if args.policy == "both" else (args.policy,):

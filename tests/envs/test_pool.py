@@ -174,3 +174,26 @@ def test_wait_for_an_env_with_nothing_in_flight_raises_instead_of_hanging() -> N
         assert list(got) == [0] and got[0].ok
         with pytest.raises(RuntimeError, match="nothing is in flight for envs \\[1\\]"):
             pool.wait([1])
+
+
+def test_poll_linger_takes_replies_that_arrive_shortly_after_the_first() -> None:
+    with ProcessEnvPool(chaos_fns(2), num_workers=2) as pool:
+        pool.reset_many([0, 1], seed=0)
+        pool.submit(0, "!sleep 0.0")
+        pool.submit(1, "!sleep 0.3")
+        first = pool.poll(timeout=10.0)
+        assert [i for i, _ in first] == [0]  # without linger: what is there, at once
+        pool.wait([1])
+    with ProcessEnvPool(chaos_fns(2), num_workers=2) as pool:
+        pool.reset_many([0, 1], seed=0)
+        pool.submit(0, "!sleep 0.0")
+        pool.submit(1, "!sleep 0.3")
+        got = pool.poll(timeout=10.0, linger_s=2.0)
+        assert sorted(i for i, _ in got) == [0, 1] and all(r.op == "step" for _, r in got)
+        with pytest.raises(ValueError, match="linger_s"):
+            pool.poll(linger_s=float("nan"))
+    local = make_pool("local", ENV, 1, env_kwargs=KW)
+    local.submit_reset(0, seed=0)
+    t0 = time.monotonic()
+    assert len(local.poll(timeout=1.0, linger_s=5.0)) == 1 and time.monotonic() - t0 < 2.0  # nothing in flight: no wait
+    local.close()

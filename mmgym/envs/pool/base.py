@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -200,14 +201,24 @@ class BasePool:
         else:
             self._dispatch(req)
 
-    def poll(self, timeout: float | None = 0.0) -> list[tuple[int, PoolResult]]:
+    def poll(self, timeout: float | None = 0.0, *, linger_s: float = 0.0) -> list[tuple[int, PoolResult]]:
         """Results ready now, or the first ones within ``timeout`` seconds (``None``: until one
-        arrives; still bounded, because every request has a deadline). ``[]`` if none."""
+        arrives; still bounded, because every request has a deadline). ``[]`` if none.
+
+        ``linger_s``: once a result is there and requests are still in flight, wait this much
+        longer and take what else arrived, so a caller that handles each batch quickly wakes
+        once per batch instead of once per reply. On 2 cores each wake-up of the caller
+        preempts a worker; ``benchmarks/env_pool.py`` measures the difference."""
+        if not (math.isfinite(linger_s) and linger_s >= 0):
+            raise ValueError(f"linger_s must be a finite number >= 0, got {linger_s}")
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while True:
             self._pump(0.0 if self._results else self._wait_bound(end))
             if self._results or (end is not None and time.monotonic() >= end) or not self._busy():
                 break
+        if self._results and linger_s > 0 and self._busy():
+            time.sleep(linger_s)
+            self._pump(0.0)
         out = [(r.env_index, r) for r in self._results]
         self._results.clear()
         return out

@@ -207,8 +207,9 @@ class BasePool:
 
         ``linger_s``: once a result is there and requests are still in flight, wait this much
         longer and take what else arrived, so a caller that handles each batch quickly wakes
-        once per batch instead of once per reply. On 2 cores each wake-up of the caller
-        preempts a worker; ``benchmarks/env_pool.py`` measures the difference."""
+        once per batch instead of once per reply (on a machine with as many workers as
+        cores, a wake-up of the caller can preempt a worker). Worth it with many envs per
+        worker; with few it can leave workers idle. ``benchmarks/env_pool.py`` measures it."""
         if not (math.isfinite(linger_s) and linger_s >= 0):
             raise ValueError(f"linger_s must be a finite number >= 0, got {linger_s}")
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)

@@ -85,34 +85,25 @@ def _cmd_train(args: argparse.Namespace, *, sft_only: bool = False) -> int:
     return 0
 
 
-def _run_folder_of(path: Path) -> Path | None:
-    """The run folder that ``path`` is, or holds ``path`` (``RUN/checkpoints/STEP[/model]``)."""
-    for p in (path, *path.parents):
-        if (p / "config.yaml").is_file() and (p == path or (p / "checkpoints") in path.parents):
-            return p
-    return None
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mmgym.agents import HFPolicy
     from mmgym.trainer.common import evaluate, model_dir
+    from mmgym.trainer.run_dir import RunDir
 
     src = model_dir(args.checkpoint)
     if not src.is_dir():
         raise ConfigError(f"{args.checkpoint!r} is not a run folder, checkpoint or model folder")
     env_id, env_kwargs, tool_schemas, max_new = args.env or "mmgym/ChainOfFocus-v0", _kv(args.env_kwargs), True, 40
-    run_dir = _run_folder_of(Path(args.checkpoint).resolve())
-    if run_dir is not None:  # a run folder or one of its checkpoints: evaluate as the run did, unless told otherwise
-        from mmgym.trainer.run_dir import RunDir
-
-        cfg = RunDir.open_for_resume(run_dir).train_config()
+    run = RunDir.enclosing(Path(args.checkpoint))
+    if run is not None:  # a run folder or one of its checkpoints: evaluate as the run did, unless told otherwise
+        cfg = run.train_config()
         if args.env is None:
             env_id = cfg.env.id
             env_kwargs = {**cfg.env.make_kwargs, **env_kwargs}
         tool_schemas, max_new = cfg.rollout.tool_schemas, cfg.rollout.max_new_tokens
-        print(f"mmgym eval: prompts and env settings from the run folder {run_dir}", file=sys.stderr)
+        print(f"mmgym eval: prompts and env settings from the run folder {run.path}", file=sys.stderr)
     if args.tool_schemas is not None:
         tool_schemas = args.tool_schemas
     if args.max_new_tokens is not None:

@@ -88,6 +88,17 @@ class RunDir:
             raise RunDirError(f"{str(path)!r} is not a run folder (no config.yaml)")
         return cls(path)
 
+    @classmethod
+    def enclosing(cls, path: Path) -> RunDir | None:
+        """The run folder ``path`` is, or whose ``checkpoints/`` holds it (a checkpoint or its
+        ``model`` folder); None for a folder outside any run."""
+        path = Path(path).resolve()
+        for p in (path, *path.parents):
+            run = cls(p)
+            if (p / "config.yaml").is_file() and (p == path or run.ckpt_root in path.parents):
+                return run
+        return None
+
     def config_tree(self) -> dict[str, Any]:
         return yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8")) or {}
 

@@ -157,3 +157,17 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path: Path) -> None
     assert RunDir(run.path).latest_checkpoint().name == "step_0000000"
     after = tr.policy.model.state_dict()
     assert all(torch.allclose(before[k], after[k]) for k in before)  # zero-gradient step, no NaN written
+
+
+def test_rundir_enclosing_finds_the_run_of_a_checkpoint_and_nothing_else(tmp_path: Path) -> None:
+    from mmgym.trainer.run_dir import RunDir
+
+    model = tmp_path / "run" / "checkpoints" / "step_0000003" / "model"
+    model.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    run = (tmp_path / "run").resolve()
+    for p in (tmp_path / "run", model, model.parent):
+        assert RunDir.enclosing(p).path == run
+    (tmp_path / "run" / "notes").mkdir()
+    assert RunDir.enclosing(tmp_path / "run" / "notes") is None  # inside the run, but not a checkpoint
+    assert RunDir.enclosing(tmp_path) is None

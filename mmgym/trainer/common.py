@@ -40,8 +40,9 @@ def model_dir(path: str | Path) -> Path:
             raise FileNotFoundError(f"no embedded model {name!r}; known: {', '.join(known)}")
         return p
     p = Path(path)
-    if (p / "checkpoints").is_dir():
-        ck = RunDir(p).latest_checkpoint()
+    run = RunDir(p)
+    if run.ckpt_root.is_dir():
+        ck = run.latest_checkpoint()
         if ck is None:
             raise FileNotFoundError(f"run folder {str(path)!r} has no complete checkpoint")
         p = ck

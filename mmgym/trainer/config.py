@@ -372,6 +372,12 @@ class TrainConfig:
     """Run folder name (default: a timestamp and the seed)."""
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
+    """The latest checkpoints kept; older ones are deleted (but see ``keep_warm_start``)."""
+    keep_warm_start: bool = True
+    """Never delete checkpoint ``step_0000000``, the weights RL starts from (after the warm
+    start, if any): the "before RL" model for ``mmgym eval``, the start of RL runs with other
+    seeds (``model.path=RUN/checkpoints/step_0000000/model sft.enabled=false``) and the KL
+    reference after a resume."""
     sample_episodes: int = 4
     """Episodes written as HTML pages at each evaluation."""
     threads: int | None = None

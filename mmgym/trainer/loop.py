@@ -197,7 +197,8 @@ class Trainer:
         if dist_utils.is_main():
             self.state.sampler = self.sampler.state_dict()
             self.run.save_checkpoint(step, policy=self.policy, optimizer=self.learner or self.optimizer, state=self.state.__dict__,
-                                     keep=self.cfg.keep_checkpoints, write_extra=lambda folder: self._write_extra(step, folder))
+                                     keep=self.cfg.keep_checkpoints, write_extra=lambda folder: self._write_extra(step, folder),
+                                     pinned=(0,) if self.cfg.keep_warm_start else ())
         if self.learner is not None:
             dist_utils.barrier()  # no rank stages the next shard before this checkpoint is complete
 
@@ -507,7 +508,7 @@ class Trainer:
                 start = build_policy(self.cfg, path)
             else:
                 log.warning("the warm start (checkpoint step_0000000) is no longer kept; the reference for KL/PRIME "
-                            "is the resumed policy (raise keep_checkpoints to keep it)")
+                            "is the resumed policy (keep_warm_start=true keeps it)")
         ref = start if start is not None else self.policy.clone(name="reference")
         for p in ref.model.parameters():
             p.requires_grad_(False)

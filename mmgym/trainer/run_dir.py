@@ -14,7 +14,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -193,12 +193,15 @@ class RunDir:
         return cks[-1] if cks else None
 
     def save_checkpoint(self, step: int, *, policy: Any, optimizer: Any, state: dict[str, Any], keep: int,
-                        write_extra: Callable[[Path], None] | None = None) -> Path:
+                        write_extra: Callable[[Path], None] | None = None, pinned: Collection[int] = ()) -> Path:
         """Write model (transformers format), optimizer and trainer state atomically.
         ``write_extra(folder)`` writes more into the checkpoint folder before it is fsynced
-        and renamed (e.g. PRIME's PRM under ``prm/``), so it is as atomic as the rest."""
+        and renamed (e.g. PRIME's PRM under ``prm/``), so it is as atomic as the rest.
+        Then only the ``keep`` latest checkpoints stay, plus those of the ``pinned`` steps."""
         import torch
 
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         final = self.ckpt_root / f"step_{step:07d}"
         tmp = Path(tempfile.mkdtemp(dir=self.ckpt_root, prefix=f".tmp_step_{step:07d}_"))
@@ -221,7 +224,9 @@ class RunDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for old in self.checkpoints()[:-keep]:
+        pinned_names = {f"step_{s:07d}" for s in pinned}
+        rotating = [p for p in self.checkpoints() if p.name not in pinned_names]
+        for old in rotating[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.ckpt_root.glob(".tmp_step_*"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)

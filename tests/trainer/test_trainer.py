@@ -171,3 +171,26 @@ def test_rundir_enclosing_finds_the_run_of_a_checkpoint_and_nothing_else(tmp_pat
     (tmp_path / "run" / "notes").mkdir()
     assert RunDir.enclosing(tmp_path / "run" / "notes") is None  # inside the run, but not a checkpoint
     assert RunDir.enclosing(tmp_path) is None
+
+
+def test_checkpoint_rotation_keeps_the_latest_and_the_pinned_warm_start(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from mmgym.trainer.run_dir import RunDir
+
+    def save(folder: Path, **_: object) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "weights.bin").write_bytes(b"w")
+
+    policy = SimpleNamespace(model=SimpleNamespace(save_pretrained=save), processor=SimpleNamespace(save_pretrained=save))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    run = RunDir(tmp_path / "run")
+    for step in (0, 10, 20, 30, 40):
+        run.save_checkpoint(step, policy=policy, optimizer=opt, state={"iteration": step}, keep=2, pinned=(0,))
+    assert [p.name for p in run.checkpoints()] == ["step_0000000", "step_0000030", "step_0000040"]
+    for step in (50, 60):
+        run.save_checkpoint(step, policy=policy, optimizer=opt, state={"iteration": step}, keep=2)
+    assert [p.name for p in run.checkpoints()] == ["step_0000050", "step_0000060"]  # unpinned: rotated out
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        run.save_checkpoint(70, policy=policy, optimizer=opt, state={}, keep=0)
+    assert [p.name for p in run.checkpoints()] == ["step_0000050", "step_0000060"]  # refused before writing

@@ -183,6 +183,11 @@ class VideoFramesEnv(MMEnv):
         root: dataset root for video paths (default: the JSONL's folder).
         cache_dir: where generated MP4s live (default ``$MMGYM_CACHE/videos`` or
             ``~/.cache/mmgym/videos``).
+        cache_max_mb: bound on that folder's MP4s: after writing a video, the least recently
+            used ones are deleted until the rest fit (``None``: unbounded). Procedural
+            episodes draw fresh video seeds unless ``num_videos`` is set, so without a bound
+            a long run fills the disk (the video example, 2,048 demonstrations plus evaluation,
+            wrote 2,592 videos of 20-45 s: 1.5 GB).
         backend: ``"auto"`` (decord if installed, else / on failure PyAV), ``"decord"``, ``"pyav"``.
         video_size, video_fps, duration: generated videos (px, frames/s, seconds range).
         num_videos: draw procedural videos from this many seeds (``None``: unbounded).
@@ -205,6 +210,7 @@ class VideoFramesEnv(MMEnv):
         dataset: str | None = None,
         root: str | None = None,
         cache_dir: str | None = None,
+        cache_max_mb: float | None = 4096.0,
         backend: Backend = "auto",
         video_size: tuple[int, int] = (320, 240),
         video_fps: int = 8,
@@ -236,11 +242,14 @@ class VideoFramesEnv(MMEnv):
             raise ValueError(f"overview_frames must be >= 1 and overview_size >= 16, got {overview_frames}, {overview_size}")
         if num_videos is not None and num_videos < 1:
             raise ValueError(f"num_videos must be >= 1 or None, got {num_videos}")
+        if cache_max_mb is not None and not (math.isfinite(cache_max_mb) and cache_max_mb > 0):
+            raise ValueError(f"cache_max_mb must be a positive number of MB or None (unbounded), got {cache_max_mb}")
         if not 0 < tiou_threshold <= 1:
             raise ValueError(f"tiou_threshold must be in (0, 1], got {tiou_threshold}")
         self.scene = SceneConfig(int(video_size[0]), int(video_size[1]), int(video_fps), (int(duration[0]), int(duration[1])), float(sign_frac))
         env_cache = None if cache_dir is None else Path(cache_dir).expanduser()
         self.cache_dir = env_cache or default_cache_dir()
+        self.cache_max_bytes = None if cache_max_mb is None else int(cache_max_mb * 2**20)
         self.backend = backend
         self.num_videos = num_videos
         self.question_types = tuple(question_types)
@@ -283,7 +292,7 @@ class VideoFramesEnv(MMEnv):
         seed = int(rng.integers(self.num_videos)) if self.num_videos else int(rng.integers(2**31))
         spec = make_spec(seed, self.scene)
         self._spec = spec
-        path = ensure_video(spec, self.cache_dir)
+        path = ensure_video(spec, self.cache_dir, max_bytes=self.cache_max_bytes)
         qtype_name = self.question_types[int(rng.integers(len(self.question_types)))]
         q = _procedural_question(spec, qtype_name, rng)
         try:
@@ -291,7 +300,7 @@ class VideoFramesEnv(MMEnv):
         except VideoError as e:  # a damaged cache file (e.g. a killed writer): render it again
             log.warning("cached video %s is unreadable (%s); rendering it again", path.name, e)
             path.unlink(missing_ok=True)
-            return self._make_task(task_id, self._open(ensure_video(spec, self.cache_dir)), *q)
+            return self._make_task(task_id, self._open(ensure_video(spec, self.cache_dir, max_bytes=self.cache_max_bytes)), *q)
 
     def _dataset_task(self, rng: np.random.Generator, start: int) -> VideoTask:
         n = len(self.rows)

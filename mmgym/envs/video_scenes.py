@@ -30,7 +30,7 @@ import numpy as np
 from mmgym.envs.scenes import PALETTE, background, draw_shape
 from mmgym.envs.video_io import write_mp4
 
-__all__ = ["SceneConfig", "Sign", "Sprite", "VideoSpec", "make_spec", "render_frame", "draw_sign", "ensure_video", "default_cache_dir", "SIGN_LETTERS"]
+__all__ = ["SceneConfig", "Sign", "Sprite", "VideoSpec", "make_spec", "render_frame", "draw_sign", "ensure_video", "prune_cache", "default_cache_dir", "SIGN_LETTERS"]
 
 GEN_VERSION = 2
 SALT = 0x71DE0
@@ -241,9 +241,51 @@ def _frames(spec: VideoSpec) -> Iterator[np.ndarray]:
         yield render_frame(spec, bg, i)
 
 
-def ensure_video(spec: VideoSpec, cache_dir: Path) -> Path:
-    """The MP4 of ``spec`` in ``cache_dir``, rendered and written on first use."""
+def ensure_video(spec: VideoSpec, cache_dir: Path, *, max_bytes: int | None = None) -> Path:
+    """The MP4 of ``spec`` in ``cache_dir``, rendered and written on first use.
+
+    A cached file's modification time is set to now on every use, so with ``max_bytes``
+    the folder is an LRU cache: after a new video is written, the least recently used ones
+    are deleted until the folder's MP4s fit (see ``prune_cache``)."""
     path = Path(cache_dir) / spec.filename()
-    if not path.is_file():
-        write_mp4(path, _frames(spec), spec.config.fps)
+    if path.is_file():
+        try:
+            os.utime(path)
+        except OSError:  # evicted by another process meanwhile, or a read-only cache: still usable or re-rendered
+            pass
+        return path
+    write_mp4(path, _frames(spec), spec.config.fps)
+    if max_bytes is not None:
+        prune_cache(Path(cache_dir), max_bytes, keep=path)
     return path
+
+
+def prune_cache(cache_dir: Path, max_bytes: int, *, keep: Path | None = None) -> int:
+    """Delete the least recently used MP4s of ``cache_dir`` (oldest modification time first)
+    until the rest take at most ``max_bytes``; never ``keep``. Returns how many were deleted.
+
+    Safe with several processes sharing the folder: a video deleted while another env has it
+    open stays readable through the open file (POSIX), and one deleted between its lookup
+    and its opening is rendered again by the env."""
+    files: list[tuple[float, int, Path]] = []
+    for entry in os.scandir(cache_dir):
+        if entry.name.endswith(".mp4") and not entry.name.startswith(".") and entry.is_file():
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # deleted by another process meanwhile
+                continue
+            files.append((st.st_mtime, st.st_size, Path(entry.path)))
+    total = sum(size for _, size, _ in files)
+    removed = 0
+    for _, size, p in sorted(files):
+        if total <= max_bytes:
+            break
+        if keep is not None and p.name == keep.name:
+            continue
+        try:
+            p.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        total -= size
+    return removed

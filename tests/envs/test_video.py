@@ -290,3 +290,29 @@ def test_long_video_is_never_decoded_whole(cache: Path) -> None:
         assert src.meta.num_frames == 2400
         src.read([(k + 0.5) * 600 / 16 for k in range(16)])  # overview: 16 seeks, few frames each
         assert src.misses == 16
+
+
+# ------------------------------------------------------------------ cache bound
+def test_video_cache_is_an_lru_bounded_by_size(tmp_path: Path) -> None:
+    import os
+
+    from mmgym.envs.video_scenes import prune_cache
+
+    cfg = SceneConfig(160, 120, 4, (20, 20))
+    paths = [ensure_video(make_spec(s, cfg), tmp_path) for s in range(4)]
+    sizes = [p.stat().st_size for p in paths]
+    for k, p in enumerate(paths):  # distinct, increasing use times
+        os.utime(p, (1000.0 + k, 1000.0 + k))
+    ensure_video(make_spec(0, cfg), tmp_path)  # a cache hit: video 0 becomes the most recently used
+    bound = sum(sizes) - 1  # one of the four must go: the least recently used, video 1
+    assert prune_cache(tmp_path, bound) == 1
+    assert [p.exists() for p in paths] == [True, False, True, True]
+    # through the env: a bound of ~2 videos keeps the folder near it, and episodes still run
+    env = VideoFramesEnv(cache_dir=str(tmp_path), cache_max_mb=2.2 * max(sizes) / 2**20, **{**SMALL, "duration": (20, 20), "num_videos": None})
+    for seed in range(5):
+        obs, info = env.reset(seed=seed)
+        assert len(obs["frames"]) == SMALL["overview_frames"]
+    mp4s = list(tmp_path.glob("*.mp4"))
+    assert 1 <= len(mp4s) <= 3 and sum(p.stat().st_size for p in mp4s) <= 2.2 * max(sizes) + max(sizes)
+    with pytest.raises(ValueError, match="cache_max_mb"):
+        VideoFramesEnv(cache_dir=str(tmp_path), cache_max_mb=0, **SMALL)

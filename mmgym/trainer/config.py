@@ -177,6 +177,10 @@ class SFTSection:
     """Oracle episodes recorded through the rollout path (the demonstration budget)."""
     steps: int = 600
     """Optimizer steps over the demonstrations."""
+    checkpoint_every: int = 100
+    """Write a checkpoint (``checkpoints/sft_XXXXXXX``) every this many SFT steps (0: none),
+    so ``mmgym train --resume`` continues a long warm start where it stopped (the
+    demonstrations are recorded again from the same seeds). Deleted once RL starts."""
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 20
@@ -195,8 +199,8 @@ class SFTSection:
     that show the target."""
 
     def __post_init__(self) -> None:
-        if self.demonstrations < 1 or self.steps < 0 or self.batch_size < 1:
-            raise ValueError("sft.demonstrations and sft.batch_size must be >= 1 and sft.steps >= 0")
+        if self.demonstrations < 1 or self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 0:
+            raise ValueError("sft.demonstrations and sft.batch_size must be >= 1, sft.steps and sft.checkpoint_every >= 0")
         if not 0.0 <= self.zoom_noise <= 1.0:
             raise ValueError(f"sft.zoom_noise must lie in [0, 1], got {self.zoom_noise}")
 

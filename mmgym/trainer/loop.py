@@ -189,8 +189,9 @@ class Trainer:
             g["lr"] = lr
 
     # ------------------------------------------------------------------ checkpoints & logs
-    def checkpoint(self, step: int) -> None:
-        """Rank 0 writes the checkpoint; under DeepSpeed every rank first stages its ZeRO
+    def checkpoint(self, step: int, kind: str = "step") -> None:
+        """Rank 0 writes the checkpoint (``kind``: ``"step"`` after RL iteration ``step``,
+        ``"sft"`` after SFT step ``step``); under DeepSpeed every rank first stages its ZeRO
         optimizer shard, which rank 0 moves into the checkpoint before its atomic rename."""
         if self.learner is not None:
             self.learner.write_shard(self.run.ckpt_root, step)
@@ -198,7 +199,7 @@ class Trainer:
             self.state.sampler = self.sampler.state_dict()
             self.run.save_checkpoint(step, policy=self.policy, optimizer=self.learner or self.optimizer, state=self.state.__dict__,
                                      keep=self.cfg.keep_checkpoints, write_extra=lambda folder: self._write_extra(step, folder),
-                                     pinned=(0,) if self.cfg.keep_warm_start else ())
+                                     pinned=(0,) if self.cfg.keep_warm_start else (), kind=kind)
         if self.learner is not None:
             dist_utils.barrier()  # no rank stages the next shard before this checkpoint is complete
 
@@ -279,6 +280,8 @@ class Trainer:
                 self.log(step, {"loss": float(loss.detach()), "token_acc": float((logp.detach().exp() * mask).sum() / mask.sum().clamp(min=1))}, "sft")
                 if self.progress:
                     steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if cfg.checkpoint_every and self.state.sft_step % cfg.checkpoint_every == 0 and self.state.sft_step < cfg.steps:
+                self.checkpoint(self.state.sft_step, kind="sft")
         self.policy.eval()
 
     # ------------------------------------------------------------------ RL stages
@@ -605,6 +608,8 @@ class Trainer:
             self.state.phase = "rl"
             self.optimizer = self._make_optimizer(self.cfg.optim.lr)
             self.checkpoint(0)
+            if dist_utils.is_main():
+                self.run.drop_checkpoints("sft")  # superseded: a resume from here on starts at step_0000000 or later
         if self.state.phase == "rl":
             self.rl()
             if self.cfg.iterations == 0:  # a warm start only: its evaluation is the final one

@@ -1,8 +1,10 @@
 """The run folder: resolved config, metrics, TensorBoard events, curves, checkpoints.
 
 Checkpoints are written atomically: everything goes into a temporary directory whose
-files are fsynced, then one ``os.replace`` renames it to ``checkpoints/step_XXXXXXX``;
-a directory under that name is therefore always complete. The last K are kept.
+files are fsynced, then one ``os.replace`` renames it to ``checkpoints/step_XXXXXXX`` (RL
+iteration X; ``step_0000000`` is where RL starts) or ``checkpoints/sft_XXXXXXX`` (SFT step X
+of a warm start in progress); a directory under that name is therefore always complete.
+Names sort in training order (every ``sft_`` before every ``step_``). The last K are kept.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 import yaml
 
 from mmgym.core import to_dict
+
+CHECKPOINT_KINDS = ("sft_", "step_")  # name prefixes, in training order
 
 __all__ = ["RunDir", "RunDirError", "atomic_write_bytes"]
 
@@ -184,27 +188,37 @@ class RunDir:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (``sft_*`` before ``step_*``)."""
         if not self.ckpt_root.is_dir():
             return []
-        return sorted(p for p in self.ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / "state.json").is_file())
+        return sorted(p for p in self.ckpt_root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_KINDS) and (p / "state.json").is_file())
+
+    def drop_checkpoints(self, kind: str) -> None:
+        """Delete every checkpoint of ``kind`` (``"sft"``: once RL has started they are superseded)."""
+        for p in self.checkpoints():
+            if p.name.startswith(kind + "_"):
+                shutil.rmtree(p, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
         cks = self.checkpoints()
         return cks[-1] if cks else None
 
     def save_checkpoint(self, step: int, *, policy: Any, optimizer: Any, state: dict[str, Any], keep: int,
-                        write_extra: Callable[[Path], None] | None = None, pinned: Collection[int] = ()) -> Path:
+                        write_extra: Callable[[Path], None] | None = None, pinned: Collection[int] = (), kind: str = "step") -> Path:
         """Write model (transformers format), optimizer and trainer state atomically.
         ``write_extra(folder)`` writes more into the checkpoint folder before it is fsynced
         and renamed (e.g. PRIME's PRM under ``prm/``), so it is as atomic as the rest.
-        Then only the ``keep`` latest checkpoints stay, plus those of the ``pinned`` steps."""
+        ``kind``: ``"step"`` (RL iteration ``step``) or ``"sft"`` (SFT step ``step``). Then only
+        the ``keep`` latest checkpoints stay, plus the ``step`` checkpoints of ``pinned``."""
         import torch
 
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
+        if kind + "_" not in CHECKPOINT_KINDS:
+            raise ValueError(f"kind must be 'step' or 'sft', got {kind!r}")
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        final = self.ckpt_root / f"step_{step:07d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_root, prefix=f".tmp_step_{step:07d}_"))
+        final = self.ckpt_root / f"{kind}_{step:07d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_root, prefix=f".tmp_{kind}_{step:07d}_"))
         try:
             policy.model.save_pretrained(tmp / "model", safe_serialization=True)
             policy.processor.save_pretrained(tmp / "model")
@@ -228,8 +242,9 @@ class RunDir:
         rotating = [p for p in self.checkpoints() if p.name not in pinned_names]
         for old in rotating[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.ckpt_root.glob(".tmp_step_*"):  # left by a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+        for kind_ in CHECKPOINT_KINDS:
+            for stale in self.ckpt_root.glob(f".tmp_{kind_}*"):  # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
         return final
 
     @staticmethod

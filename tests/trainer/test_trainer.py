@@ -194,3 +194,37 @@ def test_checkpoint_rotation_keeps_the_latest_and_the_pinned_warm_start(tmp_path
     with pytest.raises(ValueError, match="keep must be >= 1"):
         run.save_checkpoint(70, policy=policy, optimizer=opt, state={}, keep=0)
     assert [p.name for p in run.checkpoints()] == ["step_0000050", "step_0000060"]  # refused before writing
+
+
+def test_an_interrupted_warm_start_resumes_from_its_sft_checkpoint(tmp_path: Path) -> None:
+    from mmgym.core import load_config
+    from mmgym.trainer import TrainConfig
+    from mmgym.trainer.loop import Trainer
+    from mmgym.trainer.run_dir import RunDir
+
+    cfg = load_config(TrainConfig, overrides=[*TINY, f"out_root={tmp_path}", "sft.steps=5", "sft.checkpoint_every=2", "iterations=0",
+                                              "env.eval_episodes=2"])
+    run = RunDir.create(tmp_path / "sft", cfg)
+    tr = Trainer(cfg, run, progress=False)
+    calls = {"n": 0}
+    apply = tr._apply
+
+    def dies_at_the_fourth_update(loss: torch.Tensor) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return apply(loss)
+
+    tr._apply = dies_at_the_fourth_update  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert [p.name for p in run.checkpoints()] == ["sft_0000002"]  # step 3 finished, but only every 2nd is saved
+    saved = _weights(run.ckpt_root / "sft_0000002")
+    resumed = Trainer(cfg, RunDir(run.path), progress=False)
+    assert resumed.state.phase == "sft" and resumed.state.sft_step == 2
+    assert all(torch.equal(saved[k], v) for k, v in resumed.policy.model.state_dict().items() if k in saved)
+    assert resumed.optimizer.state_dict()["state"], "the SFT optimizer's moments come back"
+    resumed.fit()
+    rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if r["phase"] == "sft") == 4  # the last SFT step (0-based) ran after the resume
+    assert [p.name for p in RunDir(run.path).checkpoints()] == ["step_0000000"]  # SFT checkpoints superseded

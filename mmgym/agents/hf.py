@@ -112,6 +112,9 @@ class HFPolicy:
         attn_implementation: passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ...).
         logprob_micro_batch: rows per forward in ``logprobs`` (``None``: all at once).
         trust_remote_code: passed to ``from_pretrained`` (for models outside transformers).
+        add_tokens: tokens to make single vocabulary entries (e.g. a VLA env's action bins);
+            those the tokenizer lacks are added and the embeddings grown (new rows at the mean
+            of the old ones, padded to a multiple of 64). Saved checkpoints keep them.
     """
 
     def __init__(
@@ -127,12 +130,14 @@ class HFPolicy:
         attn_implementation: str | None = "sdpa",
         logprob_micro_batch: int | None = None,
         trust_remote_code: bool = False,
+        add_tokens: Sequence[str] = (),
     ):
         import torch
 
         path = Path(model) if model is not None else tiny_model_path()
         self.name = str(path)
         processor, hf_model = _load(path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        self.added_tokens = add_vocabulary(processor, hf_model, add_tokens)
         self._setup(processor, hf_model, device=torch.device(device), lora=lora, max_context=max_context,
                     tool_result_role=tool_result_role, cache_vision=cache_vision, logprob_micro_batch=logprob_micro_batch)
 
@@ -568,6 +573,29 @@ def _fresh(entry: Any, fp: tuple[int, ...]) -> bool:
 
 
 # ---------------------------------------------------------------------- loading
+def add_vocabulary(processor: Any, model: Any, tokens: Sequence[str]) -> int:
+    """Add the ``tokens`` the processor's tokenizer lacks as whole tokens and grow the model's
+    (tied or untied) embeddings to match; returns how many were added (0: nothing changed)."""
+    tok = getattr(processor, "tokenizer", processor)
+    vocab = tok.get_vocab()
+    missing = list(dict.fromkeys(t for t in tokens if t not in vocab))
+    if not missing:
+        return 0
+    bad = [t for t in missing if not isinstance(t, str) or not t or t != t.strip()]
+    if bad:
+        raise ValueError(f"tokens to add must be non-empty strings without surrounding spaces, got {bad[:3]!r}")
+    tok.add_tokens(missing)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > rows:
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    for piece in missing[:1]:
+        ids = tok(piece, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ModelLoadError(f"the tokenizer still splits the added token {piece!r} into {len(ids)} pieces")
+    logger.info("added %d tokens to the vocabulary (%d embedding rows)", len(missing), model.get_input_embeddings().weight.shape[0])
+    return len(missing)
+
+
 def _load(path: Path, *, dtype: Any, attn_implementation: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
-__all__ = ["ENV_IDS", "NEEDS_EXTRA", "register_all"]
+__all__ = ["ENV_IDS", "NEEDS_EXTRA", "env_policy_tokens", "register_all"]
 
 # id -> (entry point, kwargs, one-line description)
 ENV_IDS: dict[str, tuple[str, dict, str]] = {
@@ -25,6 +25,28 @@ ENV_IDS: dict[str, tuple[str, dict, str]] = {
 
 # ids that need an optional extra (id -> extra); the registry test skips them without it
 NEEDS_EXTRA: dict[str, str] = {"mmgym/ManiSkill-PickCube-v0": "maniskill", "mmgym/ManiSkill-PushCube-v0": "maniskill", "mmgym/ManiSkill-v0": "maniskill"}
+
+
+def env_policy_tokens(env_id: str, kwargs: dict | None = None) -> tuple[str, ...]:
+    """The tokens a policy must hold as single vocabulary entries to act in ``env_id`` with
+    ``kwargs`` (e.g. PushBlock's 256 action tokens ``<act_K>``), from the env class's
+    ``policy_tokens(**kwargs)`` classmethod; ``()`` when it has none. Builds no env (a
+    ManiSkill env would start a simulator)."""
+    import importlib
+
+    from gymnasium.envs.registration import spec as gym_spec
+
+    entry = gym_spec(env_id).entry_point
+    if callable(entry):
+        cls = entry
+    else:
+        module, _, name = str(entry).partition(":")
+        cls = getattr(importlib.import_module(module), name)
+    fn = getattr(cls, "policy_tokens", None)
+    if fn is None:
+        return ()
+    merged = {**(gym_spec(env_id).kwargs or {}), **(kwargs or {})}
+    return tuple(fn(**merged))
 
 
 def register_all() -> None:

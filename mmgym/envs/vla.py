@@ -252,6 +252,16 @@ class VLAEnv(MMEnv):
             self.action_space = spaces.Box(-1.0, 1.0, shape=shape, dtype=np.float32)
         self.instruction = ""
 
+    @classmethod
+    def policy_tokens(cls, **kwargs: Any) -> tuple[str, ...]:
+        """The action tokens ``<act_0>..<act_{n_bins-1}>`` (text actions; none for ``Box``
+        actions). The trainer adds the missing ones to the policy's vocabulary, as OpenVLA
+        gives each bin one token: a stock tokenizer splits ``<act_160>`` into ~7 pieces, so a
+        chunk of 8 actions would be ~400 generated tokens instead of 56."""
+        if kwargs.get("action", "text") != "text":
+            return ()
+        return tuple(ActionTokenizer(int(kwargs.get("n_bins", 256))).vocab)
+
     # ------------------------------------------------------------ simulator hooks
     def _sim_reset(self, rng: np.random.Generator, index: int | None) -> tuple[str, str]:
         """Start an episode; return ``(task_id, instruction)``."""

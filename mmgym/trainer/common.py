@@ -16,6 +16,7 @@ import torch
 from mmgym.agents import Conversation, Generation, HFPolicy, LoraSettings, RolloutCollector, RolloutSettings, SamplingParams
 from mmgym.agents.episodes import write_episode_html, write_index_html
 from mmgym.core import RolloutBatch, Trajectory
+from mmgym.envs.registration import env_policy_tokens
 from mmgym.trainer import distributed as dist_utils
 from mmgym.trainer.config import TrainConfig
 
@@ -53,7 +54,8 @@ def build_policy(cfg: TrainConfig, model_path: str | Path | None = None) -> HFPo
     """The policy to train: ``model_path`` (a checkpoint) or ``cfg.model.path`` or the embedded tiny model."""
     path = model_path if model_path is not None else model_dir(cfg.model.path)
     lora = LoraSettings(r=cfg.model.lora_rank) if cfg.model.lora else None
-    return HFPolicy(path, lora=lora, max_context=cfg.model.max_context, device=learner_device(cfg.model.device))
+    return HFPolicy(path, lora=lora, max_context=cfg.model.max_context, device=learner_device(cfg.model.device),
+                    add_tokens=env_policy_tokens(cfg.env.id, cfg.env.make_kwargs))
 
 
 def backward_step(policy: HFPolicy, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:

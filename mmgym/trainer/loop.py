@@ -41,6 +41,7 @@ from mmgym.algos import (
     kl_penalty,
 )
 from mmgym.core import RolloutBatch, Trajectory, from_dict
+from mmgym.envs.registration import env_policy_tokens
 from mmgym.trainer import distributed as dist_utils
 from mmgym.trainer.common import DemonstrationPolicy, backward_step, build_policy, episode_summary, evaluate, model_dir, select_rows
 from mmgym.trainer.config import TrainConfig
@@ -128,6 +129,15 @@ class Trainer:
         r = self.cfg.rollout
         if r.backend == "hf":
             return self.policy
+        tokens = env_policy_tokens(self.cfg.env.id, self.cfg.env.make_kwargs)
+        if tokens:
+            from transformers import AutoTokenizer
+
+            have = AutoTokenizer.from_pretrained(model_dir(self.cfg.model.path), local_files_only=True).get_vocab()
+            if any(t not in have for t in tokens):
+                raise ValueError(f"rollout.backend=vllm: {self.cfg.env.id} needs {len(tokens)} action tokens that the model "
+                                 "folder's vocabulary lacks; vLLM cannot grow it. Train with rollout.backend=hf first (it "
+                                 "adds them) and point model.path at a checkpoint's model/ folder")
         return VLLMPolicy(model_dir(self.cfg.model.path), learner=self.policy, max_context=self.cfg.model.max_context,
                           gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
                           enforce_eager=r.enforce_eager, max_images_per_prompt=r.max_images_per_prompt,

@@ -330,3 +330,33 @@ def test_given_history_and_tool_role_render_like_the_template(tiny_policy, make_
     fresh = Conversation(tools=conv.tools, messages=list(conv.messages[:3]))
     st = as_tool.sync(fresh)
     assert as_tool.tokenizer.decode(st.ids()).count("<tool_response>") == 1
+
+
+def test_added_action_tokens_are_single_trainable_tokens_and_survive_a_reload(tmp_path: Path, make_image):
+    from mmgym.envs.registration import env_policy_tokens
+    from mmgym.envs.vla import ActionTokenizer
+
+    tokens = env_policy_tokens("mmgym/PushBlock-v0")
+    assert tokens == tuple(ActionTokenizer().vocab) and env_policy_tokens("mmgym/PushBlock-Continuous-v0") == ()
+    assert env_policy_tokens("mmgym/PushBlock-v0", {"n_bins": 16}) == tuple(f"<act_{k}>" for k in range(16))
+    stock = HFPolicy()
+    reply = "<action>" + ActionTokenizer().encode(np.zeros((8, 7))) + "</action>"
+    assert len(stock.tokenizer(reply)["input_ids"]) > 300  # the stock tokenizer spells each bin out
+    torch.manual_seed(0)
+    pol = HFPolicy(add_tokens=tokens)
+    assert pol.added_tokens == 256
+    rows = pol.model.get_input_embeddings().weight.shape[0]
+    assert rows >= len(pol.tokenizer) and rows % 64 == 0 and pol.encoder.vocab_size == rows
+    ids = pol.tokenizer(reply)["input_ids"]
+    assert len(ids) < 70 and pol.tokenizer.decode(ids) == reply
+    assert all(len(pol.tokenizer(t, add_special_tokens=False)["input_ids"]) == 1 for t in tokens)
+    # the grown model samples (the new rows included in its distribution)
+    gen = pol.generate([_task(make_image(64, 64))], SamplingParams(max_new_tokens=8, temperature=1.0, seed=0))[0]
+    assert gen.token_ids and all(0 <= i < rows for i in gen.token_ids) and all(np.isfinite(gen.logprobs))
+    pol.model.save_pretrained(tmp_path)
+    pol.processor.save_pretrained(tmp_path)
+    again = HFPolicy(tmp_path, add_tokens=tokens)
+    assert again.added_tokens == 0 and again.model.get_input_embeddings().weight.shape[0] == rows
+    assert again.tokenizer(reply)["input_ids"] == ids
+    with pytest.raises(ValueError, match="non-empty strings"):
+        HFPolicy(add_tokens=[" <pad_me> "])

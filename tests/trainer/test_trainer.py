@@ -228,3 +228,28 @@ def test_an_interrupted_warm_start_resumes_from_its_sft_checkpoint(tmp_path: Pat
     rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if r["phase"] == "sft") == 4  # the last SFT step (0-based) ran after the resume
     assert [p.name for p in RunDir(run.path).checkpoints()] == ["step_0000000"]  # SFT checkpoints superseded
+
+
+def test_pushblock_warm_start_adds_the_action_tokens_once_and_resumes_with_them(tmp_path: Path) -> None:
+    from mmgym.core import load_config
+    from mmgym.trainer import TrainConfig
+    from mmgym.trainer.loop import Trainer
+    from mmgym.trainer.run_dir import RunDir
+
+    cfg = load_config(TrainConfig, overrides=[
+        *TINY, f"out_root={tmp_path}", "model.path=embedded:base", "env.id=mmgym/PushBlock-v0", "env.kwargs={max_steps: 48}",
+        "rollout.tool_schemas=false", "rollout.max_new_tokens=80", "iterations=1", "env.eval_episodes=2", "sample_episodes=0",
+        "threads=1"])
+    run = RunDir.create(tmp_path / "pb", cfg)
+    tr = Trainer(cfg, run, progress=False)
+    assert tr.policy.added_tokens == 256
+    tr.fit()
+    ck = RunDir(run.path).latest_checkpoint()
+    assert ck is not None
+    resumed = Trainer(cfg, RunDir(run.path), progress=False)
+    assert resumed.policy.added_tokens == 0  # the checkpoint's tokenizer holds them
+    assert len(resumed.policy.tokenizer("<act_7><act_255>", add_special_tokens=False)["input_ids"]) == 2
+    emb = [v for k, v in _weights(ck).items() if k.endswith("embed_tokens.weight")]
+    assert emb and emb[0].shape[0] == resumed.policy.model.get_input_embeddings().weight.shape[0] >= 1716 + 256
+    rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["phase"] == "rl" for r in rows)

@@ -108,7 +108,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tool_schemas = args.tool_schemas
     if args.max_new_tokens is not None:
         max_new = args.max_new_tokens
-    policy = HFPolicy(src)
+    from mmgym.envs.registration import env_policy_tokens
+
+    policy = HFPolicy(src, add_tokens=env_policy_tokens(env_id, env_kwargs))  # a run's checkpoints hold them already
     metrics, _ = evaluate(policy, env_id, env_kwargs, episodes=args.episodes, max_new_tokens=max_new,
                           tool_schemas=tool_schemas, pages_dir=Path(args.out) if args.out else None,
                           pages=args.pages if args.out else 0, progress=True)

@@ -253,3 +253,9 @@ def test_pushblock_warm_start_adds_the_action_tokens_once_and_resumes_with_them(
     assert emb and emb[0].shape[0] == resumed.policy.model.get_input_embeddings().weight.shape[0] >= 1716 + 256
     rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert any(r["phase"] == "rl" for r in rows)
+    e = _mmgym("eval", str(run.path), "--episodes", "2")
+    assert e.returncode == 0 and '"success"' in e.stdout, e.stderr[-2000:]
+    # the embedded model's own folder evaluated on PushBlock gets the tokens too (fresh rows)
+    e = _mmgym("eval", "embedded:base", "--episodes", "1", "--env", "mmgym/PushBlock-v0", "--env-kwargs", "max_steps=16",
+               "--max-new-tokens", "80")
+    assert e.returncode == 0 and '"success"' in e.stdout, e.stderr[-2000:]

@@ -527,15 +527,24 @@ class PushBlockEnv(VLAEnv):
     Args:
         image_size: side of the square top-down camera image (px).
         max_delta: metres per control step at action value 1.
+        layout: ``"random"`` (block, target and end effector anywhere: the policy must go
+            around the block to push it from the right side) or ``"aligned"`` (as ManiSkill's
+            PushCube: the target lies 8-20 cm from the block along one table axis and the end
+            effector starts just behind the block on that line, so pushing straight towards
+            the target succeeds; the direction, one of four, is read off the image).
         (others: see ``VLAEnv``)
     """
 
     description = "Push a block onto a target from a top-down camera; 7-D action tokens in chunks (VLA)."
     proprio_dim = 4
 
-    def __init__(self, *, image_size: int = 128, max_delta: float = 0.02, max_steps: int = 96, **kwargs: Any):
+    def __init__(self, *, image_size: int = 128, max_delta: float = 0.02, max_steps: int = 96,
+                 layout: Literal["random", "aligned"] = "random", **kwargs: Any):
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
+        if layout not in ("random", "aligned"):
+            raise ValueError(f"layout must be 'random' or 'aligned', got {layout!r}")
+        self.layout = layout
         self.image_size = int(image_size)
         self.max_delta = float(max_delta)
         self.s: _PushState | None = None
@@ -546,12 +555,15 @@ class PushBlockEnv(VLAEnv):
         if index is not None:
             rng = np.random.default_rng([index, 7919])
         lim = TABLE_HALF - 0.05
-        while True:
-            block = rng.uniform(-lim, lim, size=2)
-            goal = rng.uniform(-lim, lim, size=2)
-            ee = rng.uniform(-lim, lim, size=2)
-            if np.linalg.norm(block - goal) > 0.08 and np.max(np.abs(ee - block)) > BLOCK_HALF + PUSHER_R + 0.02:
-                break
+        if self.layout == "aligned":
+            block, goal, ee = _aligned_layout(rng, lim)
+        else:
+            while True:
+                block = rng.uniform(-lim, lim, size=2)
+                goal = rng.uniform(-lim, lim, size=2)
+                ee = rng.uniform(-lim, lim, size=2)
+                if np.linalg.norm(block - goal) > 0.08 and np.max(np.abs(ee - block)) > BLOCK_HALF + PUSHER_R + 0.02:
+                    break
         color = BLOCK_COLORS[int(rng.integers(len(BLOCK_COLORS)))]
         self.s = _PushState(ee=np.array([ee[0], ee[1], Z_START]), block=block, goal=goal, color=color)
         tid = f"pushblock-{index}" if index is not None else "pushblock-" + hashlib.blake2b(np.concatenate([block, goal, ee]).tobytes(), digest_size=6).hexdigest()
@@ -603,6 +615,26 @@ class PushBlockEnv(VLAEnv):
         if self.action_mode == "text":
             return self.tokenizer.format(acts)
         return acts.reshape(self.action_space.shape)
+
+
+def _aligned_layout(rng: np.random.Generator, lim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block, goal and end effector (x, y) for ``layout="aligned"``: the goal 8-20 cm from the
+    block along one axis, both inside ``[-lim, lim]``, the pusher touching-distance behind."""
+    ax = int(rng.integers(2))
+    sign = float(rng.choice([-1.0, 1.0]))
+    dist = float(rng.uniform(0.08, 0.20))
+    back = BLOCK_HALF + PUSHER_R + 0.004
+    # the block's coordinate on the axis leaves room for the pusher behind and the goal ahead
+    lo, hi = -lim + back, lim - dist
+    if sign < 0:
+        lo, hi = -lim + dist, lim - back
+    block = np.zeros(2)
+    block[ax] = rng.uniform(lo, hi)
+    block[1 - ax] = rng.uniform(-lim, lim)
+    goal, ee = block.copy(), block.copy()
+    goal[ax] += sign * dist
+    ee[ax] -= sign * back
+    return block, goal, ee
 
 
 def _expert_step(s: _PushState, max_delta: float) -> np.ndarray:

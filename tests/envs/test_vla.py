@@ -81,7 +81,8 @@ def test_reward_terms_by_hand() -> None:
 
 
 # ---------------------------------------------------------------------- PushBlock
-@pytest.mark.parametrize("kwargs", [{}, {"action": "continuous"}, {"proprio": "key", "reward": "shaped_delta", "chunk_size": 1}, {"proprio": "text", "reward": "shaped"}])
+@pytest.mark.parametrize("kwargs", [{}, {"action": "continuous"}, {"proprio": "key", "reward": "shaped_delta", "chunk_size": 1}, {"proprio": "text", "reward": "shaped"},
+                                    {"layout": "aligned", "chunk_size": 4, "max_steps": 32}])
 def test_pushblock_passes_both_checkers(kwargs: dict) -> None:
     env = gym.make("mmgym/PushBlock-v0", **kwargs)
     with warnings.catch_warnings():
@@ -106,6 +107,37 @@ def test_expert_succeeds_through_the_text_path() -> None:
         if info["success"]:
             assert info["termination_reason"] == "goal" and 0 < info["episode_length"] <= 96
     assert wins / n >= 0.95
+
+
+def test_aligned_layout_is_a_push_in_one_of_four_directions() -> None:
+    env = PushBlockEnv(layout="aligned", chunk_size=4, max_steps=32)
+    dirs, wins = set(), {"expert": 0, "straight": 0, "constant": 0}
+    n = 80
+    for ep in range(n):
+        for policy in wins:
+            env.reset(seed=ep)
+            s = env.s
+            assert s is not None and np.all(np.abs(s.block) <= 0.15 + 1e-9) and np.all(np.abs(s.goal) <= 0.15 + 1e-9)
+            err = s.goal - s.block
+            ax = int(abs(err[1]) > abs(err[0]))
+            assert abs(err[1 - ax]) < 1e-12 and 0.08 <= abs(err[ax]) <= 0.2  # on one axis
+            behind = s.block[ax] - s.ee[ax]
+            assert np.sign(behind) == np.sign(err[ax]) and abs(s.ee[1 - ax] - s.block[1 - ax]) < 1e-12
+            dirs.add((ax, float(np.sign(err[ax]))))
+            a = np.zeros((4, 7))
+            a[:, 6] = 1
+            a[:, ax if policy == "straight" else 0] = np.sign(err[ax]) if policy == "straight" else 1.0
+            done = False
+            while not done:
+                reply = push_block_expert(env) if policy == "expert" else TOK.format(a)
+                _, _, term, trunc, info = env.step(reply)
+                done = term or trunc
+            wins[policy] += info["success"]
+    assert len(dirs) == 4
+    assert wins["expert"] == n and wins["straight"] == n  # pushing straight at the target is enough
+    assert wins["constant"] / n < 0.45  # one fixed direction fits about a quarter of the tasks
+    with pytest.raises(ValueError, match="layout"):
+        PushBlockEnv(layout="maze")
 
 
 def test_invalid_reply_holds_still_with_feedback_and_penalty() -> None:

@@ -588,10 +588,9 @@ def add_vocabulary(processor: Any, model: Any, tokens: Sequence[str]) -> int:
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tok) > rows:
         model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
-    for piece in missing[:1]:
-        ids = tok(piece, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ModelLoadError(f"the tokenizer still splits the added token {piece!r} into {len(ids)} pieces")
+    ids = tok(missing[0], add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ModelLoadError(f"the tokenizer still splits the added token {missing[0]!r} into {len(ids)} pieces")
     logger.info("added %d tokens to the vocabulary (%d embedding rows)", len(missing), model.get_input_embeddings().weight.shape[0])
     return len(missing)
 

@@ -32,21 +32,15 @@ def env_policy_tokens(env_id: str, kwargs: dict | None = None) -> tuple[str, ...
     ``kwargs`` (e.g. PushBlock's 256 action tokens ``<act_K>``), from the env class's
     ``policy_tokens(**kwargs)`` classmethod; ``()`` when it has none. Builds no env (a
     ManiSkill env would start a simulator)."""
-    import importlib
-
+    from gymnasium.envs.registration import load_env_creator
     from gymnasium.envs.registration import spec as gym_spec
 
-    entry = gym_spec(env_id).entry_point
-    if callable(entry):
-        cls = entry
-    else:
-        module, _, name = str(entry).partition(":")
-        cls = getattr(importlib.import_module(module), name)
-    fn = getattr(cls, "policy_tokens", None)
+    spec = gym_spec(env_id)
+    entry = spec.entry_point
+    fn = getattr(entry if callable(entry) else load_env_creator(entry), "policy_tokens", None)
     if fn is None:
         return ()
-    merged = {**(gym_spec(env_id).kwargs or {}), **(kwargs or {})}
-    return tuple(fn(**merged))
+    return tuple(fn(**{**(spec.kwargs or {}), **(kwargs or {})}))
 
 
 def register_all() -> None:

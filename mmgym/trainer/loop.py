@@ -129,16 +129,17 @@ class Trainer:
         r = self.cfg.rollout
         if r.backend == "hf":
             return self.policy
+        folder = model_dir(self.cfg.model.path)
         tokens = env_policy_tokens(self.cfg.env.id, self.cfg.env.make_kwargs)
         if tokens:
             from transformers import AutoTokenizer
 
-            have = AutoTokenizer.from_pretrained(model_dir(self.cfg.model.path), local_files_only=True).get_vocab()
+            have = AutoTokenizer.from_pretrained(folder, local_files_only=True).get_vocab()
             if any(t not in have for t in tokens):
                 raise ValueError(f"rollout.backend=vllm: {self.cfg.env.id} needs {len(tokens)} action tokens that the model "
                                  "folder's vocabulary lacks; vLLM cannot grow it. Train with rollout.backend=hf first (it "
                                  "adds them) and point model.path at a checkpoint's model/ folder")
-        return VLLMPolicy(model_dir(self.cfg.model.path), learner=self.policy, max_context=self.cfg.model.max_context,
+        return VLLMPolicy(folder, learner=self.policy, max_context=self.cfg.model.max_context,
                           gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
                           enforce_eager=r.enforce_eager, max_images_per_prompt=r.max_images_per_prompt,
                           seed=self.cfg.seed + 1000 * self.rank)

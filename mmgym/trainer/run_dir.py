@@ -242,9 +242,8 @@ class RunDir:
         rotating = [p for p in self.checkpoints() if p.name not in pinned_names]
         for old in rotating[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        for kind_ in CHECKPOINT_KINDS:
-            for stale in self.ckpt_root.glob(f".tmp_{kind_}*"):  # left by a run killed mid-save
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.ckpt_root.glob(".tmp_*"):  # left by a run killed mid-save (any kind, DeepSpeed staging too)
+            shutil.rmtree(stale, ignore_errors=True)
         return final
 
     @staticmethod

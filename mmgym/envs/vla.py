@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -467,6 +468,8 @@ PUSHER_R = 0.012  # m; the end effector is a disk
 GOAL_R = 0.03  # m; success: block centre within this of the goal centre
 Z_MIN, Z_MAX, Z_START = 0.01, 0.10, 0.025
 BLOCK_COLORS = ("red", "blue", "yellow", "purple", "orange")
+TABLE_RGB = (178, 160, 130)  # wood
+FLOOR_RGB = (90, 90, 90)  # beyond the table, seen by the wrist camera
 
 
 @dataclass(slots=True)
@@ -532,6 +535,11 @@ class PushBlockEnv(VLAEnv):
             PushCube: the target lies 8-20 cm from the block along one table axis and the end
             effector starts just behind the block on that line, so pushing straight towards
             the target succeeds; the direction, one of four, is read off the image).
+        cameras: the camera images of each observation, in order: ``"top"`` (the whole
+            table from above) and/or ``"wrist"`` (from above too, but centred on the end
+            effector and moving with it, ``wrist_span`` metres across; the floor beyond the
+            table is grey). Each image is ``image_size`` px square.
+        wrist_span: the wrist camera's field of view in metres.
         (others: see ``VLAEnv``)
     """
 
@@ -539,12 +547,23 @@ class PushBlockEnv(VLAEnv):
     proprio_dim = 4
 
     def __init__(self, *, image_size: int = 128, max_delta: float = 0.02, max_steps: int = 96,
-                 layout: Literal["random", "aligned"] = "random", **kwargs: Any):
+                 layout: Literal["random", "aligned"] = "random",
+                 cameras: Sequence[Literal["top", "wrist"]] = ("top",), wrist_span: float = 0.5,
+                 **kwargs: Any):
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         if layout not in ("random", "aligned"):
             raise ValueError(f"layout must be 'random' or 'aligned', got {layout!r}")
+        if isinstance(cameras, str):
+            cameras = (cameras,)
+        cameras = tuple(cameras)
+        if not cameras or any(c not in ("top", "wrist") for c in cameras):
+            raise ValueError(f"cameras must be a non-empty list of 'top' and/or 'wrist', got {cameras!r}")
+        if not 0.05 <= float(wrist_span) <= 2.0:
+            raise ValueError(f"wrist_span must be in [0.05, 2.0] m, got {wrist_span}")
         self.layout = layout
+        self.cameras = cameras
+        self.wrist_span = float(wrist_span)
         self.image_size = int(image_size)
         self.max_delta = float(max_delta)
         self.s: _PushState | None = None
@@ -575,7 +594,8 @@ class PushBlockEnv(VLAEnv):
         return SimStep(success=bool(np.linalg.norm(self.s.block - self.s.goal) < GOAL_R), grasped=contact)
 
     def _sim_images(self) -> tuple[np.ndarray, ...]:
-        return (self._draw(),)
+        assert self.s is not None
+        return tuple(self._draw() if c == "top" else self._draw(self.s.ee[:2], self.wrist_span) for c in self.cameras)
 
     def _sim_proprio(self) -> np.ndarray:
         assert self.s is not None
@@ -585,16 +605,23 @@ class PushBlockEnv(VLAEnv):
         assert self.s is not None
         return np.round(np.concatenate([self.s.ee, self.s.block]) / 0.01).astype(np.int64).tobytes()
 
-    def _draw(self) -> np.ndarray:
+    def _draw(self, centre: np.ndarray | None = None, span: float = 2 * TABLE_HALF) -> np.ndarray:
+        """The scene from above, ``span`` metres across, centred on ``centre`` (x, y; the
+        table's centre when None)."""
         s, n = self.s, self.image_size
         assert s is not None
-        scale = n / (2 * TABLE_HALF)
+        scale = n / span
+        cx0, cy0 = (0.0, 0.0) if centre is None else (float(centre[0]), float(centre[1]))
 
         def px(xy: np.ndarray) -> tuple[int, int]:
             # x to the right, y up (image rows grow downwards)
-            return int(round((xy[0] + TABLE_HALF) * scale)), int(round((TABLE_HALF - xy[1]) * scale))
+            return int(round((xy[0] - cx0 + span / 2) * scale)), int(round((cy0 - xy[1] + span / 2) * scale))
 
-        img = np.full((n, n, 3), (178, 160, 130), np.uint8)  # wooden table
+        if centre is None:
+            img = np.full((n, n, 3), TABLE_RGB, np.uint8)
+        else:
+            img = np.full((n, n, 3), FLOOR_RGB, np.uint8)
+            cv2.rectangle(img, px(np.array([-TABLE_HALF, TABLE_HALF])), px(np.array([TABLE_HALF, -TABLE_HALF])), TABLE_RGB, -1)
         cv2.circle(img, px(s.goal), max(2, int(round(GOAL_R * scale))), PALETTE["green"], -1, cv2.LINE_AA)
         bh = BLOCK_HALF * scale
         cx, cy = px(s.block)

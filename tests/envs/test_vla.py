@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import mmgym  # noqa: F401
 from mmgym.envs.checker import check_mm_env
 from mmgym.envs.runner import GroupRunner
-from mmgym.envs.vla import ActionTokenizer, PushBlockEnv, push_block_expert, reward_step_terms
+from mmgym.envs.scenes import PALETTE
+from mmgym.envs.vla import FLOOR_RGB, TABLE_RGB, ActionTokenizer, PushBlockEnv, push_block_expert, reward_step_terms
 
 TOK = ActionTokenizer()
 
@@ -82,7 +83,8 @@ def test_reward_terms_by_hand() -> None:
 
 # ---------------------------------------------------------------------- PushBlock
 @pytest.mark.parametrize("kwargs", [{}, {"action": "continuous"}, {"proprio": "key", "reward": "shaped_delta", "chunk_size": 1}, {"proprio": "text", "reward": "shaped"},
-                                    {"layout": "aligned", "chunk_size": 4, "max_steps": 32}])
+                                    {"layout": "aligned", "chunk_size": 4, "max_steps": 32},
+                                    {"layout": "aligned", "chunk_size": 4, "max_steps": 32, "cameras": ["top", "wrist"]}])
 def test_pushblock_passes_both_checkers(kwargs: dict) -> None:
     env = gym.make("mmgym/PushBlock-v0", **kwargs)
     with warnings.catch_warnings():
@@ -138,6 +140,43 @@ def test_aligned_layout_is_a_push_in_one_of_four_directions() -> None:
     assert wins["constant"] / n < 0.45  # one fixed direction fits about a quarter of the tasks
     with pytest.raises(ValueError, match="layout"):
         PushBlockEnv(layout="maze")
+
+
+def test_wrist_camera_follows_the_end_effector() -> None:
+    env = PushBlockEnv(layout="aligned", chunk_size=4, max_steps=32, cameras=["wrist", "top"], image_size=64)
+    obs, _ = env.reset(seed=3)
+    assert len(obs["images"]) == 2 and obs["text"].endswith("<image> <image>")
+    assert all(im.shape == (64, 64, 3) and im.dtype == np.uint8 for im in obs["images"])
+    wrist, top = obs["images"]
+    assert env.s is not None
+    centre = wrist[28:36, 28:36].reshape(-1, 3)
+    assert (np.abs(centre.astype(int) - np.array(TABLE_RGB)).sum(-1) > 60).mean() > 0.5  # the end effector sits in the middle
+    # the block lies next to the centre, on the side of the target, in both views
+    d = env.s.goal - env.s.block
+    ax = int(abs(d[1]) > abs(d[0]))
+    shift = np.array([1.0, -1.0])  # image x right, rows down
+    for im, centre_xy, span in ((wrist, env.s.ee[:2], env.wrist_span), (top, np.zeros(2), 0.4)):
+        colour = np.array(PALETTE[env.s.color])
+        ys, xs = np.nonzero(np.all(im == colour, -1))
+        assert len(xs) > 0
+        block_px = np.array([xs.mean(), ys.mean()]) + 0.5
+        expect = ((env.s.block - centre_xy) * shift / span + 0.5) * 64
+        assert np.allclose(block_px, expect, atol=1.5)
+    # a far corner of the wrist view shows the floor when the end effector is near an edge
+    env.s.ee[:2] = [0.19, 0.19]
+    wrist = env._sim_images()[0]
+    assert tuple(wrist[0, -1]) == FLOOR_RGB and tuple(wrist[-1, 0]) == TABLE_RGB
+    # moving the end effector moves the wrist view, not the top view
+    before = env._sim_images()
+    env.s.ee[:2] = [0.0, 0.0]
+    after = env._sim_images()
+    assert not np.array_equal(before[0], after[0])
+
+
+@pytest.mark.parametrize("kwargs", [{"cameras": []}, {"cameras": ["side"]}, {"wrist_span": 0.0}, {"cameras": "front"}])
+def test_bad_camera_options_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="cameras|wrist_span"):
+        PushBlockEnv(**kwargs)
 
 
 def test_invalid_reply_holds_still_with_feedback_and_penalty() -> None:

@@ -45,6 +45,15 @@ def make_tasks(kwargs: dict[str, Any], keys: list[int], held_out: bool) -> list[
     return out
 
 
+def save_views(path: str) -> None:
+    import cv2
+
+    tasks = make_tasks({"layout": "aligned", "chunk_size": 4, "cameras": ["top", "wrist"]}, list(range(4)), True)
+    cols = [np.concatenate([np.pad(v, ((2, 2), (2, 2), (0, 0)), constant_values=255) for v in views], 0) for views, _, _ in tasks]
+    cv2.imwrite(path, cv2.cvtColor(np.concatenate(cols, 1), cv2.COLOR_RGB2BGR))
+    print(f"wrote {path}: directions {[WORDS[d] for *_, d in tasks]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:base")
@@ -58,7 +67,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the curve as JSON here")
+    ap.add_argument("--save-views", default=None,
+                    help="only write a PNG of the first 4 held-out tasks, the top view above the wrist view, and exit")
     args = ap.parse_args()
+    if args.save_views:
+        save_views(args.save_views)
+        return
 
     import torch
 

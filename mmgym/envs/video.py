@@ -30,8 +30,9 @@ import numpy as np
 from mmgym.core import ToolCall, ToolResult
 from mmgym.envs.base import MMEnv, Task, Verdict
 from mmgym.envs.datasets import DatasetError, LoadReport, RowError, load_rows, read_jsonl, resolve_in_root
+from mmgym.envs.scenes import STRIPES
 from mmgym.envs.video_io import Backend, VideoError, VideoSource, probe_video
-from mmgym.envs.video_scenes import SIGN_LETTERS, SceneConfig, VideoSpec, default_cache_dir, draw_sign, ensure_video, make_spec
+from mmgym.envs.video_scenes import SIGN_LETTERS, SceneConfig, VideoSpec, default_cache_dir, draw_sign, ensure_video, make_spec, symbol_set
 from mmgym.rewards import LETTERS, RUBRICS, RewardContext, RewardFn, Rubric, choice_match, exact_match, parse_span, temporal_iou
 from mmgym.tools.video import CropVideoTool, GetFramesTool, VideoToolState, ZoomFrameTool, draw_timestamp, format_time
 from mmgym.tools.zoom import resize_max_side
@@ -190,6 +191,11 @@ class VideoFramesEnv(MMEnv):
             wrote 2,592 videos of 20-45 s: 1.5 GB).
         backend: ``"auto"`` (decord if installed, else / on failure PyAV), ``"decord"``, ``"pyav"``.
         video_size, video_fps, duration: generated videos (px, frames/s, seconds range).
+        sign_frac: a sign board's side as a fraction of the video width.
+        sign_symbols: what the boards show: ``"letters"`` (default) or ``"stripes"`` (one of
+            four stripe orientations, equal ink: far easier for a small vision tower to read
+            once cropped, and as unreadable as a letter when downsampled; the letter questions
+            then ask for the pattern).
         num_videos: draw procedural videos from this many seeds (``None``: unbounded).
         question_types: subset of ``QUESTION_TYPES``.
         overview_frames / overview_size: N uniform overview frames, longer side in px.
@@ -216,6 +222,7 @@ class VideoFramesEnv(MMEnv):
         video_fps: int = 8,
         duration: tuple[int, int] = (30, 75),
         sign_frac: float = 0.075,
+        sign_symbols: str = "letters",
         num_videos: int | None = None,
         question_types: tuple[str, ...] = QUESTION_TYPES,
         overview_frames: int = 16,
@@ -246,7 +253,7 @@ class VideoFramesEnv(MMEnv):
             raise ValueError(f"cache_max_mb must be a positive number of MB or None (unbounded), got {cache_max_mb}")
         if not 0 < tiou_threshold <= 1:
             raise ValueError(f"tiou_threshold must be in (0, 1], got {tiou_threshold}")
-        self.scene = SceneConfig(int(video_size[0]), int(video_size[1]), int(video_fps), (int(duration[0]), int(duration[1])), float(sign_frac))
+        self.scene = SceneConfig(int(video_size[0]), int(video_size[1]), int(video_fps), (int(duration[0]), int(duration[1])), float(sign_frac), str(sign_symbols))
         env_cache = None if cache_dir is None else Path(cache_dir).expanduser()
         self.cache_dir = env_cache or default_cache_dir()
         self.cache_max_bytes = None if cache_max_mb is None else int(cache_max_mb * 2**20)
@@ -429,13 +436,17 @@ def _procedural_question(spec: VideoSpec, name: str, rng: np.random.Generator) -
         return "grounding", q, (), -1, (), span
     sign = spec.signs[int(rng.integers(len(spec.signs)))]
     span = (sign.start, sign.end)
+    striped = spec.config.symbols == "stripes"
     if name == "sign_span":
-        q = f"A few small signs appear one at a time. When is the sign showing the letter {sign.letter} visible? Give [start, end] in seconds."
+        shows = f"{sign.letter} stripes" if striped else f"the letter {sign.letter}"
+        q = f"A few small signs appear one at a time. When is the sign showing {shows} visible? Give [start, end] in seconds."
         return "grounding", q, (), -1, (), span
-    q = f"A small {sign.colour} sign appears for a few seconds. Which letter does it show?"
+    what = "stripe pattern" if striped else "letter"
+    q = f"A small {sign.colour} sign appears for a few seconds. Which {what} does it show?"
     if name == "letter_open":
-        return "open", q + " Answer with the letter.", (), -1, (sign.letter,), span
-    others = [c for c in SIGN_LETTERS if c != sign.letter]
+        how = " Answer with the pattern (" + ", ".join(STRIPES) + ")." if striped else " Answer with the letter."
+        return "open", q + how, (), -1, (sign.letter,), span
+    others = [c for c in symbol_set(spec.config) if c != sign.letter]
     opts = [sign.letter] + [others[i] for i in rng.permutation(len(others))[:3]]
     order = rng.permutation(4)
     options = tuple(opts[i] for i in order)
@@ -478,7 +489,7 @@ def overview_reader_agent(env: VideoFramesEnv, rng: np.random.Generator) -> str:
     spec, t = env._spec, env.task
     if spec is not None and t.qtype in ("choice", "open") and t.span is not None:
         sign = next((s for s in spec.signs if (s.start, s.end) == tuple(t.span)), None)
-        cands = list(t.options) if t.qtype == "choice" else list(SIGN_LETTERS)
+        cands = list(t.options) if t.qtype == "choice" else list(symbol_set(spec.config))
         best = _read_sign_in_overview(env, spec, sign, cands) if sign is not None else None
         if best is not None:
             return env.parser.format_answer(LETTERS[cands.index(best)] if t.qtype == "choice" else best)
@@ -515,6 +526,6 @@ def _guess(env: VideoFramesEnv, rng: np.random.Generator) -> str:
     if t.qtype == "choice":
         return LETTERS[int(rng.integers(len(t.options)))]
     if t.qtype == "open":
-        return str(rng.choice(list(SIGN_LETTERS)))
+        return str(rng.choice(list(symbol_set(env._spec.config) if env._spec is not None else SIGN_LETTERS)))
     c = float(t.frame_times[int(rng.integers(len(t.frame_times)))]) if t.frame_times else t.duration / 2
     return f"[{max(0.0, c - 1.5):.1f}, {min(t.duration, c + 1.5):.1f}]"

@@ -3,7 +3,8 @@ background with short events that a sparse low-resolution overview cannot resolv
 
 Events (the ground truth of every question):
 
-* **signs** — 2 or 3 coloured boards, each showing a letter for 2-5 s at its own time.
+* **signs** — 2 or 3 coloured boards, each showing a letter (or, with
+  ``symbols="stripes"``, one of four stripe patterns) for 2-5 s at its own time.
   A board is a visible colour blob in the overview, but its letter (~14 px tall at
   320 px) shrinks to ~4 px there: it can be read only after ``crop_video`` /
   ``get_frames`` / ``zoom_frame``.
@@ -27,14 +28,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mmgym.envs.scenes import PALETTE, background, draw_shape
+from mmgym.envs.scenes import PALETTE, STRIPES, background, draw_shape, draw_stripes
 from mmgym.envs.video_io import write_mp4
 
-__all__ = ["SceneConfig", "Sign", "Sprite", "VideoSpec", "make_spec", "render_frame", "draw_sign", "ensure_video", "prune_cache", "default_cache_dir", "SIGN_LETTERS"]
+__all__ = ["SceneConfig", "Sign", "Sprite", "VideoSpec", "make_spec", "render_frame", "draw_sign", "ensure_video", "prune_cache", "default_cache_dir", "SIGN_LETTERS", "SIGN_SYMBOLS", "symbol_set"]
 
 GEN_VERSION = 2
 SALT = 0x71DE0
 SIGN_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"  # no I, O, Q: too easy to confuse at small sizes
+SIGN_SYMBOLS = ("letters", "stripes")
 SPRITE_SHAPES = ("circle", "square", "triangle", "diamond")
 SIGN_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 # Letter styles vary per sign (font, offset inside the board), so a downsampled letter
@@ -57,6 +59,7 @@ class SceneConfig:
     fps: int = 8
     duration: tuple[int, int] = (30, 75)
     sign_frac: float = 0.075  # board side / video width; the letter is 0.6 of the board
+    symbols: str = "letters"  # what a board shows: a letter, or a STRIPES pattern (0.7 of the board)
 
     def __post_init__(self) -> None:
         if self.width < 64 or self.height < 48 or self.width % 2 or self.height % 2:
@@ -68,9 +71,13 @@ class SceneConfig:
             raise ValueError(f"duration must be (min, max) seconds with 20 <= min <= max <= 3600, got {self.duration}")
         if not 0.02 <= self.sign_frac <= 0.3:
             raise ValueError(f"sign_frac must be in [0.02, 0.3], got {self.sign_frac}")
+        if self.symbols not in SIGN_SYMBOLS:
+            raise ValueError(f"sign symbols must be one of {SIGN_SYMBOLS}, got {self.symbols!r}")
 
     def key(self) -> str:
         raw = f"v{GEN_VERSION}-{self.width}x{self.height}-{self.fps}-{self.duration[0]}-{self.duration[1]}-{self.sign_frac:g}"
+        if self.symbols != "letters":  # letter videos keep their earlier cache names
+            raw += f"-{self.symbols}"
         return hashlib.blake2b(raw.encode(), digest_size=4).hexdigest()
 
 
@@ -92,7 +99,8 @@ class Sprite:
 
 @dataclass(slots=True, frozen=True)
 class Sign:
-    """A board of ``colour`` showing ``letter`` while ``start <= t < end`` (frame-aligned)."""
+    """A board of ``colour`` showing ``letter`` while ``start <= t < end`` (frame-aligned).
+    ``letter`` is a capital letter, or a ``STRIPES`` pattern name for striped boards."""
 
     letter: str
     colour: str
@@ -141,10 +149,15 @@ def _frame_aligned(t: float, fps: int) -> float:
     return round(t * fps) / fps
 
 
+def symbol_set(cfg: SceneConfig) -> tuple[str, ...]:
+    """What the boards of videos made with ``cfg`` can show."""
+    return STRIPES if cfg.symbols == "stripes" else tuple(SIGN_LETTERS)
+
+
 def _make_signs(rng: np.random.Generator, cfg: SceneConfig, duration: int) -> tuple[Sign, ...]:
     w, h = cfg.width, cfg.height
     k = int(rng.integers(2, 4))
-    letters = rng.choice(list(SIGN_LETTERS), size=k, replace=False)
+    letters = rng.choice(list(symbol_set(cfg)), size=k, replace=False)
     colours = rng.choice(list(SIGN_COLOURS), size=k, replace=False)
     side = round(cfg.sign_frac * w)
     slot = (duration - 2.0) / k
@@ -207,6 +220,11 @@ def draw_sign(img: np.ndarray, s: Sign) -> None:
     p2 = (int(round(s.cx + half)), int(round(s.cy + half)))
     cv2.rectangle(img, p1, p2, col, -1)
     cv2.rectangle(img, p1, p2, (250, 250, 250), 1)
+    if s.letter in STRIPES:
+        inner = s.side * 0.35
+        cx, cy = s.cx + s.dx * s.side, s.cy + s.dy * s.side
+        draw_stripes(img, s.letter, int(round(cx - inner)), int(round(cy - inner)), int(round(cx + inner)), int(round(cy + inner)))
+        return
     ink = (15, 15, 15) if sum(col) > 380 else (250, 250, 250)
     thick = max(1, int(round(s.side / 14)))
     (_, h1), _ = cv2.getTextSize("H", s.font, 1.0, thick)

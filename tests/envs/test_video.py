@@ -174,6 +174,36 @@ def test_oracle_solves_and_overview_does_not(env: VideoFramesEnv) -> None:
     assert play(env, random_agent, 20, start=300) < 0.5
 
 
+def test_striped_signs_ask_for_the_pattern_and_show_it_once_cropped(cache: Path) -> None:
+    from mmgym.envs.scenes import STRIPES
+    from mmgym.envs.video_scenes import Sign, SceneConfig, draw_sign
+
+    env = VideoFramesEnv(cache_dir=str(cache), **{**SMALL, "sign_symbols": "stripes", "sign_frac": 0.15,
+                                                  "question_types": ("letter_choice", "letter_open", "sign_span")})
+    kinds = set()
+    for i in range(12):
+        env.reset(options={"task_index": i})
+        t = env.task
+        assert all(s.letter in STRIPES for s in env._spec.signs)
+        if t.qtype == "choice":
+            assert "Which stripe pattern" in t.question and sorted(t.options) == sorted(STRIPES)
+        elif t.qtype == "open":
+            assert "Which stripe pattern" in t.question and t.answers[0] in STRIPES
+        else:
+            assert " stripes visible?" in t.question
+        kinds.add(t.qtype)
+    assert kinds == {"choice", "open", "grounding"}
+    assert play(env, None, 12) >= 0.95
+    assert SceneConfig(symbols="stripes").key() != SceneConfig().key()
+    with pytest.raises(ValueError, match="symbols"):
+        VideoFramesEnv(cache_dir=str(cache), **{**SMALL, "sign_symbols": "glyphs"})
+    # the board's interior holds the pattern: horizontal stripes are constant along a row
+    img = np.zeros((60, 60, 3), np.uint8)
+    draw_sign(img, Sign("horizontal", "red", 30.0, 30.0, 40.0, 0.0, 1.0))
+    inner = img[20:40, 20:40, 0].astype(int)
+    assert (inner.max(1) - inner.min(1)).max() == 0 and inner.max() - inner.min() > 100
+
+
 # ------------------------------------------------------------------ determinism
 def test_seeded_determinism(cache: Path) -> None:
     def trace(seed: int) -> list:

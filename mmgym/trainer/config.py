@@ -7,6 +7,8 @@ bad combinations with the reason.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 
@@ -198,7 +200,17 @@ class SFTSection:
     explored, nothing learned about where to look) and learns to answer only from zooms
     that show the target."""
 
+    observation_loss: float = 0.0
+    """Weight of a language-model loss on the demonstrations' context text (prompts, tool
+    results, feedback: every real token that is neither generated nor a vision token),
+    added to the loss on the oracle's replies. Observations restate what came before (a
+    receptacle's object list repeats the map's, ``You picked up obj_2`` the call), so an
+    untrained model gets many more examples of copying from its context than the replies
+    alone give. 0 (default): replies only."""
+
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.observation_loss) and self.observation_loss >= 0):
+            raise ValueError(f"sft.observation_loss must be a finite number >= 0, got {self.observation_loss}")
         if self.demonstrations < 1 or self.steps < 0 or self.batch_size < 1 or self.checkpoint_every < 0:
             raise ValueError("sft.demonstrations and sft.batch_size must be >= 1, sft.steps and sft.checkpoint_every >= 0")
         if not 0.0 <= self.zoom_noise <= 1.0:

@@ -13,11 +13,13 @@ engine samples the rollouts and the learner's weights are pushed into it after e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,14 +283,23 @@ class Trainer:
             idx = self.rng.choice(len(demos), size=min(cfg.batch_size, len(demos)), replace=False)
             batch = self.policy.build_batch([demos[i] for i in idx])
             self._set_lr(self._lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, "constant"))
-            logp = self.policy.logprobs(batch)
-            mask = batch.action_mask.float()
+            context = context_mask(batch, self.policy.suppress_token_ids) if cfg.observation_loss > 0 else None
+            logp = self.policy.logprobs(batch if context is None else dataclasses.replace(batch, action_mask=batch.action_mask | context))
+            mask = batch.action_mask.float().to(logp.device)
             loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
-            if not self._apply(loss):
+            extra: dict[str, float] = {}
+            if context is not None:
+                cmask = context.float().to(logp.device)
+                context_loss = -(logp * cmask).sum() / cmask.sum().clamp(min=1)
+                extra["context_loss"] = float(context_loss.detach())
+                total = loss + cfg.observation_loss * context_loss
+            else:
+                total = loss
+            if not self._apply(total):
                 continue
             self.state.sft_step = step + 1
             if step % 20 == 0 or step == cfg.steps - 1:
-                self.log(step, {"loss": float(loss.detach()), "token_acc": float((logp.detach().exp() * mask).sum() / mask.sum().clamp(min=1))}, "sft")
+                self.log(step, {"loss": float(loss.detach()), "token_acc": float((logp.detach().exp() * mask).sum() / mask.sum().clamp(min=1)), **extra}, "sft")
                 if self.progress:
                     steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if cfg.checkpoint_every and self.state.sft_step % cfg.checkpoint_every == 0 and self.state.sft_step < cfg.steps:
@@ -633,6 +644,18 @@ class Trainer:
             self.checkpoint(self.state.iteration)
             return {"run_dir": str(self.run.path), **{f"eval/{k}": v for k, v in final.items()}, **self.state.evals}
         return {"run_dir": str(self.run.path), **self.state.evals}
+
+
+def context_mask(batch: RolloutBatch, suppress_token_ids: Sequence[int]) -> torch.Tensor:
+    """(B, T) bool: the real tokens of ``batch`` that the policy did not generate and could
+    generate (not a vision token or other suppressed id), after each row's first token (which
+    has no prefix to be predicted from): the context text of ``sft.observation_loss``."""
+    ids = batch.input_ids
+    mask = batch.attention_mask.bool() & ~batch.action_mask.bool()
+    if suppress_token_ids:
+        mask &= ~torch.isin(ids, torch.as_tensor(list(suppress_token_ids), dtype=ids.dtype, device=ids.device))
+    mask[:, 0] = False
+    return mask
 
 
 def _logprob_gap(sampler: torch.Tensor, learner: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:

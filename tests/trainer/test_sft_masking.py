@@ -61,3 +61,42 @@ def test_guessed_answers_leave_the_loss(tiny_config, tmp_path: Path) -> None:
             assert b.action_mask == a.action_mask
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     assert [r["masked_guesses"] for r in rows if "masked_guesses" in r] == [float(sum(missed))]
+
+
+def test_observation_loss_trains_the_context_text_and_masks_the_rest(tiny_config, tmp_path: Path) -> None:
+    """``sft.observation_loss``: the context mask holds exactly the real, non-generated,
+    non-vision tokens after the first; SFT steps with it lower the loss on that text and
+    log it, and a bad weight is refused."""
+    import pytest
+    import torch
+
+    from mmgym.trainer.loop import context_mask
+
+    tr, demos, _ = _demos(tiny_config, tmp_path, "o0", "sft.steps=0", "sft.demonstrations=6", "sft.batch_size=6")
+    batch = tr.policy.build_batch(demos)
+    ctx = context_mask(batch, tr.policy.suppress_token_ids)
+    vision = torch.isin(batch.input_ids, torch.tensor(tr.policy.suppress_token_ids))
+    assert vision.any()  # the first view's image tokens are in every row
+    assert not (ctx & batch.action_mask).any() and not (ctx & vision).any() and not ctx[:, 0].any()
+    assert not (ctx & ~batch.attention_mask).any()
+    expect = batch.attention_mask & ~batch.action_mask & ~vision
+    expect[:, 0] = False
+    assert torch.equal(ctx, expect) and ctx.sum() > batch.action_mask.sum() > 0
+
+    def context_nll() -> float:
+        import dataclasses
+
+        with torch.no_grad():
+            lp = tr.policy.logprobs(dataclasses.replace(batch, action_mask=batch.action_mask | ctx))
+        assert torch.isfinite(lp).all()
+        return float(-(lp * ctx).sum() / ctx.sum())
+
+    before = context_nll()
+    tr2, _, run = _demos(tiny_config, tmp_path, "o1", "sft.steps=8", "sft.demonstrations=6", "sft.batch_size=6",
+                         "sft.observation_loss=1.0", "sft.lr=3e-3")
+    tr.policy.model.load_state_dict(tr2.policy.model.state_dict())
+    assert context_nll() < before - 0.5  # the context text itself was trained
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert any("context_loss" in r for r in rows if r.get("phase") == "sft")
+    with pytest.raises(ValueError, match="observation_loss"):
+        tiny_config(tmp_path, "sft.observation_loss=-1")

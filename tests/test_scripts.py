@@ -91,3 +91,17 @@ def test_eval_oracle_zoom_zooms_with_the_oracle_then_lets_the_model_answer() -> 
     assert result["episodes"] == 4.0
     assert result["zoom_hit"] == 1.0  # every first turn is the oracle's zoom onto the target
     assert result["turns"] == 2.0 and 0.0 <= result["success"] <= 1.0  # then the model answers
+
+
+def test_eval_oracle_zoom_takes_any_env_whose_oracle_writes_the_first_turn(tmp_path: Path) -> None:
+    sets = ["video_size=[160,120]", "video_fps=4", "duration=[20,24]", "num_videos=2", "overview_frames=4",
+            "overview_size=64", "crop_size=96", "question_types=[letter_choice]", "sign_symbols=stripes",
+            f"cache_dir={tmp_path}", "rubric=longvt"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "eval_oracle_zoom.py"), "embedded:base", "--episodes", "2",
+           "--env", "mmgym/VideoFrames-v0", "--max-new-tokens", "8", *(a for kv in sets for a in ("--set", kv))]
+    proc = subprocess.run(cmd, cwd=ROOT / "scripts", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["env"] == "mmgym/VideoFrames-v0" and result["episodes"] == 2.0
+    # the oracle's crop is the first turn: one tool call, overlapping the sign's span
+    assert result["tool_calls"] >= 1.0 and result["term/crop_tiou"] > 0.3

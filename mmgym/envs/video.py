@@ -193,9 +193,8 @@ class VideoFramesEnv(MMEnv):
         video_size, video_fps, duration: generated videos (px, frames/s, seconds range).
         sign_frac: a sign board's side as a fraction of the video width.
         sign_symbols: what the boards show: ``"letters"`` (default) or ``"stripes"`` (one of
-            four stripe orientations, equal ink: far easier for a small vision tower to read
-            once cropped, and as unreadable as a letter when downsampled; the letter questions
-            then ask for the pattern).
+            four stripe orientations with equal ink, as ChainOfFocus's ``symbols="stripes"``;
+            the letter questions then ask for the pattern).
         num_videos: draw procedural videos from this many seeds (``None``: unbounded).
         question_types: subset of ``QUESTION_TYPES``.
         overview_frames / overview_size: N uniform overview frames, longer side in px.

@@ -8,7 +8,6 @@ bad combinations with the reason.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Literal
 

@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from probe_localisation import env_kwargs
+from probe_localisation import env_kwargs, parse_sets
 
 
 class OracleFirstTurn:
@@ -64,9 +64,7 @@ def main() -> None:
     if args.env is None:
         env_id, kwargs = "mmgym/ChainOfFocus-v0", env_kwargs(args.set)
     else:
-        import yaml
-
-        env_id, kwargs = args.env, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+        env_id, kwargs = args.env, parse_sets(args.set)
     metrics, _ = evaluate(OracleFirstTurn(policy), env_id, kwargs, episodes=args.episodes,
                           max_new_tokens=args.max_new_tokens, tool_schemas=False)
     print(json.dumps({"model": args.model, "env": env_id, "set": args.set, **metrics}, indent=2))

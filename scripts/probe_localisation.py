@@ -42,15 +42,20 @@ def _env(kwargs: dict[str, Any]) -> Any:
     return gym.make("mmgym/ChainOfFocus-v0", **kwargs).unwrapped
 
 
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """``--set key=value`` arguments as a dict (values parsed as YAML); the scripts' one parser."""
+    out: dict[str, Any] = {}
+    for kv in sets:
+        k, v = kv.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
 def env_kwargs(sets: list[str]) -> dict[str, Any]:
     """The default recipe's env kwargs with ``key=value`` overrides (values parsed as YAML)."""
     from mmgym.trainer.config import _default_env_kwargs
 
-    kwargs = _default_env_kwargs()
-    for kv in sets:
-        k, v = kv.split("=", 1)
-        kwargs[k] = yaml.safe_load(v)
-    return kwargs
+    return {**_default_env_kwargs(), **parse_sets(sets)}
 
 
 def marker_centre(env: Any) -> tuple[float, float]:

@@ -7,7 +7,7 @@ reports held-out accuracy on the trainer's evaluation tasks (``task_index`` 0..N
 0.25, a constant answer about 0.275) as it goes. If supervision cannot teach it within a
 budget, neither SFT on the expert's action tokens nor RL from success will.
 
-    python scripts/probe_pushblock.py --steps 400 --set view=egocentric
+    python scripts/probe_pushblock.py --steps 300 --set 'cameras=[wrist]'
 
 ``--set key=value`` overrides PushBlock's env kwargs (values parsed as YAML).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+from probe_localisation import parse_sets
 
 WORDS = ("right", "left", "up", "down")  # +x, -x, +y, -y
 
@@ -82,10 +82,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    kwargs: dict[str, Any] = {"layout": "aligned", "chunk_size": 4}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        kwargs[k] = yaml.safe_load(v)
+    kwargs: dict[str, Any] = {"layout": "aligned", "chunk_size": 4, **parse_sets(args.set)}
     t0 = time.time()
     train = make_tasks(kwargs, list(range(10**6 + args.seed * 10**5, 10**6 + args.seed * 10**5 + args.train_tasks)), False)
     held = make_tasks(kwargs, list(range(args.eval_tasks)), True)

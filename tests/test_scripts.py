@@ -48,11 +48,12 @@ def test_probe_pushblock_trains_the_direction_and_labels_it_from_the_geometry(tm
     from probe_pushblock import WORDS, make_tasks
 
     from mmgym.envs.scenes import PALETTE
+    from mmgym.envs.vla import BLOCK_COLORS
 
     # the label names where the target lies from the block as seen in the top view (rows grow down)
     for views, text, d in make_tasks({"layout": "aligned", "cameras": ["top"]}, list(range(12)), True):
         img = views[0]
-        colour = next(c for c in ("red", "blue", "yellow", "purple", "orange") if f"the {c} block" in text)
+        colour = next(c for c in BLOCK_COLORS if f"the {c} block" in text)
         block = np.argwhere(np.all(img == PALETTE[colour], -1)).mean(0)
         goal = np.argwhere(np.all(img == PALETTE["green"], -1)).mean(0)
         dr, dc = goal - block

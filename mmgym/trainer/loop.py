@@ -286,15 +286,13 @@ class Trainer:
             context = context_mask(batch, self.policy.suppress_token_ids) if cfg.observation_loss > 0 else None
             logp = self.policy.logprobs(batch if context is None else dataclasses.replace(batch, action_mask=batch.action_mask | context))
             mask = batch.action_mask.float().to(logp.device)
-            loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
+            loss = total = -(logp * mask).sum() / mask.sum().clamp(min=1)
             extra: dict[str, float] = {}
             if context is not None:
                 cmask = context.float().to(logp.device)
                 context_loss = -(logp * cmask).sum() / cmask.sum().clamp(min=1)
                 extra["context_loss"] = float(context_loss.detach())
                 total = loss + cfg.observation_loss * context_loss
-            else:
-                total = loss
             if not self._apply(total):
                 continue
             self.state.sft_step = step + 1

@@ -122,6 +122,36 @@ def test_never_ask_wins_unambiguous_and_pays_for_wrong_picks() -> None:
     assert info["wrong_picks"] == 1 and r == 0.0
 
 
+def test_progress_reward_pays_each_subgoal_once() -> None:
+    env = env_of("attribute", 2, progress_reward=0.2)
+    scene = env.task.scene
+    wrong = next(c for c in scene.candidates if c != scene.target)
+    home, wrong_home = scene.objects[scene.target].receptacle, scene.objects[wrong].receptacle
+    steps = []
+    if wrong_home != home:  # a detour to the wrong candidate earns nothing
+        steps.append((call("navigate", receptacle=wrong_home), {}))
+    steps += [
+        (call("navigate", receptacle=home), {"progress": 0.2}),
+        (call("pick", object_id=scene.target), {"progress": 0.2}),
+        (call("place", receptacle=home), {}),  # put back: nothing lost, nothing paid again
+        (call("pick", object_id=scene.target), {}),
+        (call("navigate", receptacle=scene.goal), {}),
+        (call("place", receptacle=scene.goal), {"progress": 0.2}),
+    ]
+    for action, terms in steps:
+        _, r, *_, info = env.step(action)
+        assert info["reward_terms"] == terms, action
+        assert r == pytest.approx(sum(terms.values()))
+    _, r, term, _, info = env.step(call("done"))
+    assert term and info["success"] and r == pytest.approx(1.0) and info["metrics"]["progress"] == 1.0
+    # Off by default: the outcome only; the metric is still logged.
+    env = env_of("attribute", 2)
+    for action in (call("navigate", receptacle=home), call("pick", object_id=scene.target), call("done")):
+        _, r, term, _, info = env.step(action)
+        assert r == 0.0 and "progress" not in info["reward_terms"]
+    assert term and not info["success"] and info["metrics"]["progress"] == pytest.approx(2 / 3)
+
+
 def test_answer_tag_ends_the_episode_like_done() -> None:
     env = env_of("unambiguous")
     _, r, term, _, info = env.step("<answer>finished</answer>")
@@ -339,6 +369,8 @@ def test_constructor_errors_name_the_argument() -> None:
         AskToActEnv(max_candidates=2)
     with pytest.raises(ValueError, match="question_cost"):
         AskToActEnv(question_cost=float("nan"))
+    with pytest.raises(ValueError, match="progress_reward"):
+        AskToActEnv(progress_reward=-0.1)
     with pytest.raises(ValueError, match="view_size"):
         AskToActEnv(view_size=10)
 
